@@ -1,0 +1,36 @@
+# Entry points: `make demo` (the main job on the bundled digits data) and `make test`.
+# Both create or reuse the virtualenv $(VENV); on a machine without torch they install the CPU
+# wheel first (a plain `torch` requirement would pull a multi-GB CUDA build).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?= -q -n 2
+# Local wheel folder used by this project's CI machines when it exists.
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: venv install test demo bench-cpu clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || { \
+	  echo "installing the CPU build of torch"; \
+	  $(PIP) install -q $(FIND_LINKS) torch==2.13.0 \
+	  || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; }
+
+install: venv
+	$(PIP) install -q $(FIND_LINKS) -e ".[test]"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m switch_dit.demo
+
+bench-cpu: install
+	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only -q
+
+clean:
+	rm -rf build *.egg-info switch_dit_kernels/_C*.so results

@@ -1,0 +1,124 @@
+"""Public functional API: argument checks, then dispatch to the reference or a fast backend.
+
+Backends (see `backend.resolve_backend`):
+    "torch"      -> `switch_dit_kernels.reference` (plain PyTorch, autograd as usual)
+    "triton"     -> the Triton kernels behind torch.autograd.Functions
+    "cuda"       -> the optional csrc permutation + per-expert torch GEMMs (expert_linear/expert_mlp)
+    "grouped_mm" -> permutation + torch._grouped_mm (bf16, sm_90+)
+    "auto"       -> "triton" for CUDA tensors (or under TRITON_INTERPRET=1), else "torch"
+Fast-path modules are imported lazily, so importing this package needs neither Triton nor the
+compiled extension.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validate, reference
+from .backend import resolve_backend
+
+
+def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backend: str = "auto"
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in float32, then the top-k.
+
+    Args:
+        logits: [R, E] floating.  k: 1 <= k <= E.  renormalize: divide the k weights by their sum.
+    Returns:
+        topk_weights [R, k] float32 (descending), topk_ids [R, k] int64. Ties go to the lower id.
+        Not differentiable through the Triton backend's ids; weights are differentiable on "torch".
+    """
+    _validate.check_tensor("logits", logits, 2)
+    num_experts = logits.shape[1]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, E={num_experts}], got {k!r}")
+    impl = resolve_backend(backend, logits)
+    if impl == "triton":
+        from .topk_ops import route_topk_triton
+        return route_topk_triton(logits, k, renormalize=renormalize)
+    return reference.route_topk(logits, k, renormalize=renormalize)
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                  tokens_per_route: int = 1, backend: str = "auto") -> torch.Tensor:
+    """Top-k mixture of linear experts: y[t] = sum_j g[r, j] * (x[t] @ W[e_rj] + b[e_rj]).
+
+    Args:
+        x: [T, Din] float32/float16/bfloat16, T = R * tokens_per_route, a route unit's rows contiguous.
+        weight: [E, Din, Dout], x's dtype.  bias: [E, Dout] or None.
+        topk_weights: [R, k] floating (any float dtype; used in float32).  topk_ids: [R, k] int32/int64.
+        tokens_per_route: rows per route unit (1: token routing; N: one route per sample).
+    Returns:
+        y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
+    """
+    _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
+    impl = resolve_backend(backend, x)
+    if impl == "triton":
+        from .expert_ops import expert_linear_triton
+        return expert_linear_triton(x, weight, bias, topk_weights, topk_ids,
+                                    tokens_per_route=tokens_per_route)
+    if impl in ("cuda", "grouped_mm"):
+        from .permute_ops import expert_linear_permuted
+        return expert_linear_permuted(x, weight, bias, topk_weights, topk_ids,
+                                      tokens_per_route=tokens_per_route, impl=impl)
+    return reference.expert_linear(x, weight, bias, topk_weights, topk_ids,
+                                   tokens_per_route=tokens_per_route)
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+               b2: Optional[torch.Tensor], topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+               activation: str = "gelu_tanh", tokens_per_route: int = 1, backend: str = "auto"
+               ) -> torch.Tensor:
+    """Top-k mixture of two-layer MLP experts: y = sum_j g * (act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]).
+
+    Args:
+        x: [T, D].  w1: [E, D, H], or [E, D, 2H] for "swiglu"/"geglu" (first H columns the gate
+            half, last H the up half: h = act(gate) * up).  b1: [E, H or 2H] or None.
+        w2: [E, H, Dout].  b2: [E, Dout] or None.  topk_weights / topk_ids: [R, k].
+        activation: "gelu_tanh", "gelu", "silu", "relu", "swiglu", "geglu".
+    Returns:
+        y: [T, Dout] in x's dtype. Differentiable in x, w1, b1, w2, b2 and topk_weights.
+    """
+    _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
+                               tokens_per_route)
+    impl = resolve_backend(backend, x)
+    if impl == "triton":
+        from .expert_ops import expert_mlp_triton
+        return expert_mlp_triton(x, w1, b1, w2, b2, topk_weights, topk_ids,
+                                 activation=activation, tokens_per_route=tokens_per_route)
+    if impl in ("cuda", "grouped_mm"):
+        from .permute_ops import expert_mlp_permuted
+        return expert_mlp_permuted(x, w1, b1, w2, b2, topk_weights, topk_ids,
+                                   activation=activation, tokens_per_route=tokens_per_route,
+                                   impl=impl)
+    return reference.expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids,
+                                activation=activation, tokens_per_route=tokens_per_route)
+
+
+def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """Switch-DiT's SMoE modulation: r = x * (1 + sum_j g[b, j] * (x[b] @ W[e_bj] + bias[e_bj])).
+
+    All N tokens of sample b share its k experts, so the Triton path merges them into one weight
+    W~_b = sum_j g_j W_ej on chip and costs about one dense Linear(D, D).
+
+    Args:
+        x: [B, N, D].  weight: [E, D, D], x's dtype.  bias: [E, D] or None.
+        topk_weights: [B, k] floating.  topk_ids: [B, k] int32/int64.
+    Returns:
+        r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
+    """
+    _validate.check_switch_modulation(x, weight, bias, topk_weights, topk_ids)
+    impl = resolve_backend(backend, x)
+    if impl == "triton":
+        from .modulation_ops import switch_modulation_triton
+        return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids)
+    if impl in ("cuda", "grouped_mm"):
+        batch, tokens, dim = x.shape
+        y = expert_linear(x.reshape(batch * tokens, dim), weight, bias, topk_weights, topk_ids,
+                          tokens_per_route=tokens, backend=impl)
+        return x * (1 + y.reshape(batch, tokens, dim))
+    return reference.switch_modulation(x, weight, bias, topk_weights, topk_ids)

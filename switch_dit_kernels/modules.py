@@ -1,0 +1,205 @@
+"""nn.Modules: `MoE` (token-choice top-k MoE) and `TimestepMoE` (Switch-DiT's timestep-gated SMoE)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backend import BACKENDS
+from .functional import expert_linear, expert_mlp, route_topk, switch_modulation
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's when it is on for x's device, else x's own.
+
+    Custom autograd Functions do not see autocast, so the modules cast inputs and weights here.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _check_int(name: str, value, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class MoE(nn.Module):
+    """Dropless token-choice top-k Mixture of Experts, a drop-in replacement for an MLP.
+
+    Args:
+        d_model: input and output width D.
+        num_experts: E.  k: experts per token (1 <= k <= E).
+        d_hidden: None for single linear experts D -> D; else MLP experts D -> H -> D.
+        activation: for MLP experts: "gelu_tanh", "gelu", "silu", "relu", "swiglu", "geglu".
+        bias: expert biases.  renormalize: divide each token's k weights by their sum.
+        backend: "auto", "torch", "triton", "cuda", "grouped_mm".
+        load_balance_coef, z_loss_coef: weights of the Switch-Transformer load-balancing loss and
+            the router z-loss in ``self.aux_loss`` (0 = off; the raw values are always recorded).
+
+    Shapes: forward(x [..., D]) -> [..., D]. After each forward, ``self.aux_loss`` (scalar tensor),
+    ``self.load_balance_loss`` and ``self.z_loss`` hold the auxiliary losses of that call.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int, *, d_hidden: Optional[int] = None,
+                 activation: str = "gelu_tanh", bias: bool = True, renormalize: bool = False,
+                 backend: str = "auto", load_balance_coef: float = 0.0, z_loss_coef: float = 0.0):
+        super().__init__()
+        _check_int("d_model", d_model)
+        _check_int("num_experts", num_experts)
+        _check_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+        if d_hidden is not None:
+            _check_int("d_hidden", d_hidden)
+        _check_backend(backend)
+        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        self.d_hidden, self.activation = d_hidden, activation
+        self.renormalize, self.backend = renormalize, backend
+        self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        if d_hidden is None:
+            self.weight = nn.Parameter(torch.empty(num_experts, d_model, d_model))
+            self.bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        else:
+            gated = activation in ("swiglu", "geglu")
+            self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden * (2 if gated else 1)))
+            self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[2])) if bias else None
+            self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+            self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.reset_parameters()
+        self.aux_loss = self.load_balance_loss = self.z_loss = None
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for name in ("weight", "w1", "w2"):
+            w = getattr(self, name, None)
+            if w is not None:
+                nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
+        shape = x.shape
+        tokens = x.reshape(-1, self.d_model)
+        logits = self.router(tokens)
+        topk_weights, topk_ids = route_topk(logits, self.k, renormalize=self.renormalize,
+                                            backend=self.backend)
+        self._record_aux_losses(logits, topk_ids)
+        dtype = _compute_dtype(tokens)
+        xc = tokens.to(dtype)
+        cast = lambda p: None if p is None else p.to(dtype)
+        if self.d_hidden is None:
+            y = expert_linear(xc, cast(self.weight), cast(self.bias), topk_weights, topk_ids,
+                              backend=self.backend)
+        else:
+            y = expert_mlp(xc, cast(self.w1), cast(self.b1), cast(self.w2), cast(self.b2),
+                           topk_weights, topk_ids, activation=self.activation, backend=self.backend)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _record_aux_losses(self, logits: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Switch Transformer load balance E * sum_e f_e P_e (f: share of the T*k assignments,
+        P: mean router probability) and z-loss mean(logsumexp(logits)^2)."""
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=-1)
+        counts = torch.zeros(self.num_experts, device=logits.device, dtype=torch.float32)
+        counts.scatter_add_(0, topk_ids.reshape(-1).long(),
+                            torch.ones(topk_ids.numel(), device=logits.device))
+        fraction = counts / max(topk_ids.numel(), 1)
+        self.load_balance_loss = self.num_experts * (fraction * probs.mean(0)).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        self.aux_loss = self.load_balance_coef * self.load_balance_loss + self.z_loss_coef * self.z_loss
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
+                f"d_hidden={self.d_hidden}, activation={self.activation!r}, backend={self.backend!r}")
+
+
+@dataclass
+class TimestepRouting:
+    """One routing decision per sample (or per timestep of a table).
+
+    probs: [B, E] float32 gate probabilities.  topk_weights: [B, k] float32 (not renormalised).
+    topk_ids: [B, k] int64.
+    """
+
+    probs: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+
+    def index(self, rows: torch.Tensor) -> "TimestepRouting":
+        """Select rows (e.g. the batch's timesteps from a table over all timesteps)."""
+        return TimestepRouting(self.probs[rows], self.topk_weights[rows], self.topk_ids[rows])
+
+
+class TimestepMoE(nn.Module):
+    """Switch-DiT's sparse MoE: a timestep-gated mixture of Linear(D, D) experts that modulates x.
+
+    The gate is SiLU -> Linear(d_cond, E) on a conditioning (timestep) embedding; softmax, then top-k
+    without renormalisation. All N tokens of a sample share its k experts. The experts are
+    zero-initialised, so at initialisation r == x and a Switch-DiT block computes what a DiT block does.
+
+    Args:
+        d_model: D.  num_experts: E.  k: experts per sample.  d_cond: embedding width (default D).
+        backend: "auto" (fused Triton `switch_modulation` on CUDA), "torch", "triton", "cuda",
+            "grouped_mm".
+
+    forward(x [B, N, D], cond [B, d_cond] | None, *, routing=None) -> (r [B, N, D], TimestepRouting)
+    with r = x * (1 + sum_j g_j (x W_ej + b_ej)). Pass ``routing`` (e.g. rows of a table computed by
+    `route` over all timesteps) to skip the gate.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int, *, d_cond: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_int("d_model", d_model)
+        _check_int("num_experts", num_experts)
+        _check_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+        _check_backend(backend)
+        d_cond = d_model if d_cond is None else d_cond
+        _check_int("d_cond", d_cond)
+        self.d_model, self.num_experts, self.k, self.d_cond = d_model, num_experts, k, d_cond
+        self.backend = backend
+        self.gate = nn.Sequential(nn.SiLU(), nn.Linear(d_cond, num_experts))
+        self.weight = nn.Parameter(torch.zeros(num_experts, d_model, d_model))  # [E, Din, Dout]
+        self.bias = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def gate_probs(self, cond: torch.Tensor) -> torch.Tensor:
+        """Gate probabilities softmax(Linear(SiLU(cond))) in float32: cond [M, d_cond] -> [M, E]."""
+        if cond.shape[-1] != self.d_cond:
+            raise ValueError(f"cond must have last dimension d_cond={self.d_cond}, got {tuple(cond.shape)}")
+        return torch.softmax(self.gate(cond).float(), dim=-1)
+
+    def route(self, cond: torch.Tensor) -> TimestepRouting:
+        """Routing of each row of cond [M, d_cond]: probabilities and their top-k (weights keep grad)."""
+        probs = self.gate_probs(cond)
+        topk_weights, topk_ids = torch.topk(probs, self.k, dim=-1)
+        return TimestepRouting(probs, topk_weights, topk_ids)
+
+    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, *,
+                routing: Optional[TimestepRouting] = None) -> Tuple[torch.Tensor, TimestepRouting]:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, N, d_model={self.d_model}], got {tuple(x.shape)}")
+        if routing is None:
+            if cond is None:
+                raise ValueError("TimestepMoE.forward needs cond [B, d_cond] or a precomputed routing")
+            routing = self.route(cond)
+        dtype = _compute_dtype(x)
+        r = switch_modulation(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
+                              routing.topk_weights, routing.topk_ids, backend=self.backend)
+        return r, routing
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
+                f"d_cond={self.d_cond}, backend={self.backend!r}")
