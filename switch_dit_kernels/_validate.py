@@ -114,12 +114,12 @@ def check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation, toke
 
 
 def check_switch_modulation(x, weight, bias, topk_weights, topk_ids) -> None:
-    """x [B, N, D], weight [E, D, D], bias [E, D]|None, topk_* [B, k]."""
+    """x [B, N, D], weight [E, D, D], bias [E, D]|None, topk_* [B, k] or [1, k] (shared by all samples)."""
     check_tensor("x", x, 3)
     check_expert_weight("weight", weight, x, x.shape[2], x.shape[2])
     check_expert_bias("bias", bias, weight)
     check_routing(topk_weights, topk_ids, weight.shape[0])
-    if topk_ids.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_ids must have one row per sample: x has B={x.shape[0]} samples, "
-                         f"topk_ids has {topk_ids.shape[0]} rows")
+    if topk_ids.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"topk_ids must have one row per sample (B={x.shape[0]}) or a single row "
+                         f"shared by all samples, got {topk_ids.shape[0]} rows")
     check_same_device(x=x, weight=weight, bias=bias, topk_weights=topk_weights, topk_ids=topk_ids)

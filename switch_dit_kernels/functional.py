@@ -107,7 +107,8 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
     Args:
         x: [B, N, D].  weight: [E, D, D], x's dtype.  bias: [E, D] or None.
-        topk_weights: [B, k] floating.  topk_ids: [B, k] int32/int64.
+        topk_weights: [B, k] floating.  topk_ids: [B, k] int32/int64. A single row ([1, k]) is
+            shared by every sample (sampling, CFG pairs): the batch is then one dense GEMM.
     Returns:
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
@@ -118,7 +119,8 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids)
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
+        rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens
         y = expert_linear(x.reshape(batch * tokens, dim), weight, bias, topk_weights, topk_ids,
-                          tokens_per_route=tokens, backend=impl)
+                          tokens_per_route=rows_per_route, backend=impl)
         return x * (1 + y.reshape(batch, tokens, dim))
     return reference.switch_modulation(x, weight, bias, topk_weights, topk_ids)

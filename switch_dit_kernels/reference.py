@@ -117,11 +117,13 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """Switch-DiT's SMoE modulation r = x * (1 + sum_j g[b, j] * (x[b] @ weight[e_bj] + bias[e_bj])).
 
     Args:
-        x: [B, N, D].  weight: [E, D, D].  bias: [E, D] or None.  topk_*: [B, k] (one route per sample).
+        x: [B, N, D].  weight: [E, D, D].  bias: [E, D] or None.
+        topk_*: [B, k] (one route per sample) or [1, k] (one route shared by the whole batch).
     Returns:
         r: [B, N, D] in x's dtype.
     """
     batch, tokens, dim = x.shape
+    rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens
     y = expert_linear(x.reshape(batch * tokens, dim), weight, bias, topk_weights, topk_ids,
-                      tokens_per_route=tokens)
+                      tokens_per_route=rows_per_route)
     return x * (1 + y.reshape(batch, tokens, dim))
