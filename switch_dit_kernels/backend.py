@@ -21,8 +21,11 @@ def triton_interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when the `triton` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the `triton` package can be found (checked once, without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:

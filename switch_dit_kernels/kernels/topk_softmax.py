@@ -1,0 +1,82 @@
+"""Fused softmax + top-k router kernel: logits [R, E] -> (weights [R, k] float32, ids [R, k] int64).
+
+One program handles BLOCK_R rows; the E logits of a row sit in registers (E <= 4096), so the kernel
+reads the logits once and writes 2k values per row instead of materialising the [R, E] probabilities
+that torch.softmax + torch.topk would write and re-read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_rows, num_experts, stride_row,
+                         K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_rows
+    col_ok = cols < num_experts
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    logits = tl.load(logits_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    # Padded rows are all -inf: give them a finite max so exp() does not produce NaN there.
+    row_max = tl.max(logits, axis=1)
+    row_max = tl.where(row_ok, row_max, 0.0)
+    exp = tl.exp(logits - row_max[:, None])
+    exp = tl.where(mask, exp, 0.0)
+    denom = tl.sum(exp, axis=1)
+    denom = tl.where(row_ok, denom, 1.0)
+    probs = exp / denom[:, None]
+    # Masked columns get -1 so they are never picked (probabilities are >= 0).
+    work = tl.where(mask, probs, -1.0)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(work, axis=1)
+        # Lowest column holding the maximum: the tie rule is "lower expert id wins".
+        is_best = work == best[:, None]
+        best_id = tl.min(tl.where(is_best, cols[None, :], BLOCK_E), axis=1)
+        tl.store(weights_ptr + rows.to(tl.int64) * K + j, best, mask=row_ok)
+        tl.store(ids_ptr + rows.to(tl.int64) * K + j, best_id.to(tl.int64), mask=row_ok)
+        total += best
+        work = tl.where(cols[None, :] == best_id[:, None], -2.0, work)
+    if RENORMALIZE:
+        for j in tl.static_range(K):
+            w = tl.load(weights_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=0.0)
+            tl.store(weights_ptr + rows.to(tl.int64) * K + j, w / total, mask=row_ok)
+
+
+def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = False,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused router. logits [R, E] (row stride free, unit column stride) ->
+    (weights [R, k] float32, ids [R, k] int64). ``out`` lets tests pass poisoned buffers."""
+    num_rows, num_experts = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if out is None:
+        weights = torch.empty(num_rows, k, dtype=torch.float32, device=logits.device)
+        ids = torch.empty(num_rows, k, dtype=torch.int64, device=logits.device)
+    else:
+        weights, ids = out
+    if num_rows == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(num_experts)
+    # Keep about 4K logits per program in registers: 128 rows at E = 32, 1 row at E >= 4096.
+    block_r = max(1, min(128, 4096 // block_e, triton.next_power_of_2(num_rows)))
+    grid = (triton.cdiv(num_rows, block_r),)
+    _topk_softmax_kernel[grid](logits, weights, ids, num_rows, num_experts, logits.stride(0),
+                               K=k, RENORMALIZE=renormalize, BLOCK_R=block_r, BLOCK_E=block_e)
+    return weights, ids
+
+
+def topk_softmax_torch(logits: torch.Tensor, k: int, renormalize: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch twin of `topk_softmax` (same outputs, ties aside)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
