@@ -1,0 +1,128 @@
+"""Autotuning configurations of the grouped-GEMM kernels (sm_90), and the interpreter's one config.
+
+Knob (environment variable, read when a kernel module is first imported):
+    SWITCH_DIT_AUTOTUNE=0   use one default config instead of timing the list (faster first call).
+Under TRITON_INTERPRET=1 a single small config is used: timing configs in the interpreter is
+meaningless and slow. Its tiles (16 rows, 32 columns, 16 or 32 deep) make the test shapes (16-48)
+cross tile edges in every dimension while keeping the number of interpreted programs low.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
+
+# Hopper has 227 KiB of shared memory per block; leave room for the epilogue's scratch.
+_SMEM_LIMIT = 220 * 1024
+# Above this many fp32 accumulator values per thread the registers spill (255 registers a thread).
+_ACC_PER_THREAD = 128
+
+
+def autotuning_enabled() -> bool:
+    return not triton_interpreting() and os.environ.get("SWITCH_DIT_AUTOTUNE", "1") != "0"
+
+
+def _cfg(bm, bn, bk, warps, stages, **extra):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra), num_warps=warps,
+                         num_stages=stages)
+
+
+def grouped_gemm_configs():
+    """Configs of the grouped GEMM (BLOCK_M rows x BLOCK_N columns, BLOCK_K deep)."""
+    if triton_interpreting():
+        return [_cfg(16, 32, 16, 1, 1, GROUP_M=2)]
+    default = _cfg(128, 128, 64, 8, 4, GROUP_M=8)
+    if not autotuning_enabled():
+        return [default]
+    return [
+        _cfg(128, 256, 64, 8, 3, GROUP_M=8),
+        default,
+        _cfg(128, 128, 64, 4, 4, GROUP_M=8),
+        _cfg(128, 128, 32, 4, 4, GROUP_M=8),
+        _cfg(64, 256, 64, 8, 3, GROUP_M=8),
+        _cfg(64, 128, 64, 4, 4, GROUP_M=8),
+        _cfg(128, 64, 64, 4, 4, GROUP_M=8),
+        _cfg(64, 64, 64, 4, 3, GROUP_M=8),
+    ]
+
+
+def weight_grad_configs():
+    """Configs of `weight_grad._weight_grad_kernel`: a BLOCK_K x BLOCK_N tile of dW[e], reducing
+    BLOCK_M rows per step."""
+    if triton_interpreting():
+        return [_cfg(16, 32, 32, 1, 1)]
+    default = _cfg(64, 128, 128, 8, 3)
+    if not autotuning_enabled():
+        return [default]
+    return [
+        default,
+        _cfg(64, 256, 128, 8, 3),
+        _cfg(32, 128, 128, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(64, 64, 128, 4, 4),
+        _cfg(64, 64, 64, 4, 3),
+    ]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop configs that cannot fit (shared memory, registers) or are far wider than the problem."""
+    gated = bool(kwargs.get("GATED", False))
+    elem = named_args["a_ptr"].element_size()
+    n_out, k_dim = named_args["N_OUT"], named_args["K"]
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        n_b = 2 if gated else 1
+        smem = (bm * bk + n_b * bk * bn) * elem * c.num_stages
+        if smem > _SMEM_LIMIT or bm * bn * n_b > _ACC_PER_THREAD * 32 * c.num_warps:
+            continue
+        if bn > 64 and bn >= 2 * triton.next_power_of_2(n_out):
+            continue
+        if bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def prune_weight_grad_configs(configs, named_args, **kwargs):
+    """Drop weight-gradient configs that do not fit or are much wider than dW[e]."""
+    elem = named_args["a_ptr"].element_size()
+    n_out, k_dim = named_args["N_OUT"], named_args["K"]
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if ((bk * bm + bm * bn) * elem * c.num_stages > _SMEM_LIMIT
+                or bk * bn > _ACC_PER_THREAD * 32 * c.num_warps):
+            continue
+        if (bn > 64 and bn >= 2 * triton.next_power_of_2(n_out)) or \
+                (bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim)):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. float32 follows torch's TF32 switch (off by default), so the kernels
+    are as exact as torch.matmul on the same inputs; 16-bit inputs keep the default ("tf32" is
+    ignored for them: their products are exact), which is the tensor-core path."""
+    if dtype == torch.float64 or (dtype == torch.float32
+                                  and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator type of the kernels: float32, float64 for float64 inputs (tl.dot on float64
+    operands must accumulate in float64)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (queried at call time, cached by torch)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
