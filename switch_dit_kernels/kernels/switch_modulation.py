@@ -1,0 +1,327 @@
+"""Forward kernel of Switch-DiT's SMoE modulation: r = x * (1 + x W~ + b~), W~ formed on chip.
+
+For sample b with experts e_j and gate weights g_j (j < k), the k linear experts collapse into one:
+
+    y_b = sum_j g_j (x_b W_ej + b_ej) = x_b W~_b + b~_b,   W~_b = sum_j g_j W_ej,  b~_b = sum_j g_j b_ej
+    r_b = x_b * (1 + y_b)
+
+so the layer is one GEMM per sample, not k. The kernel never writes a W~_b: each program forms the
+[BLOCK_K, BLOCK_N] chunk of W~_b it needs from the k expert chunks (fp32 sum, cast to the input dtype,
+then tl.dot with fp32 accumulation) and fuses r = x * (1 + acc + b~) into the epilogue.
+
+Work (M = B*N rows): B*N*D*D MACs on the tensor cores (one dense Linear(D, D)) plus the W~ formation,
+k*BLOCK_K*BLOCK_N FMAs per program per K step = k/BLOCK_M of the MACs (k=2, BLOCK_M=128: 1.6 %),
+but on the CUDA cores, ~15x slower per op than the tensor cores: up to ~25 % of the GEMM's time
+where it does not overlap, hence BLOCK_M=128 and the premerged shared path. k = 1 skips it (the
+accumulator is scaled by g). Expert tiles come from L2 (E*D*D*2 bytes = 8 MB at E=3, D=1152).
+Memory: reads x once (+ the epilogue's x tile, an L2 hit), writes r; in training (x needing a gradient)
+also y, one x-sized tensor: the backward's only saved activation.
+
+Route units: the kernel sees R units of N_u contiguous rows, unit u routed by row u of topk_* [R, k].
+Per-sample routing: R = B, N_u = N; M-tiles never straddle two samples (partial last tiles are masked).
+One routing shared by the batch ([1, k]: sampling, CFG pairs): `merge_experts` forms W~ [D, D] once
+(k*D*D reads, a few microseconds) and the kernel runs PREMERGED as one plain dense GEMM over R = 1 unit of B*N rows.
+
+Launch order: program id -> (M tile, N tile) with the N tiles of an M tile adjacent, so the x row
+block [BLOCK_M, D] is read by D/BLOCK_N programs that run together (L2 hits) rather than re-read from
+HBM; x (150 MB at B=256, N=256, D=1152) does not fit in L2, the weights do.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
+# The space is BLOCK_M 64/128, BLOCK_N 64/128/256, BLOCK_K 32/64, 4/8 warps, 3/4 stages; by default
+# a curated 10 of its 48 points (each config costs a compilation, ~1 s, on the first call per key);
+# SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48. Under the interpreter a single small config: no
+# benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
+# ----------------------------------------------------------------------------------------------
+_SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; keep headroom for the epilogue
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CURATED = [
+    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+    (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
+    (64, 256, 32, 8, 4), (64, 64, 64, 4, 3),
+]
+
+
+def fwd_configs(interpreting: bool | None = None):
+    """The forward/dx kernels' autotuning space (one config under TRITON_INTERPRET=1)."""
+    if triton_interpreting() if interpreting is None else interpreting:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("SWITCH_DIT_SMOD_AUTOTUNE", "") == "full":
+        points = [(bm, bn, bk, w, s) for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64)
+                  for w in (4, 8) for s in (3, 4)]
+    else:
+        points = _CURATED
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in points]
+
+
+def prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop configs whose pipelined loads overflow shared memory or whose tiles exceed the problem.
+
+    Per stage the kernel loads one x chunk [BLOCK_M, BLOCK_K] and k expert chunks [BLOCK_K, BLOCK_N]
+    (1 when PREMERGED or k = 1), so k = 8 with 256-wide N tiles cannot pipeline 4 stages.
+    """
+    if len(configs) <= 1:
+        return configs
+    dim = named_args["D"]
+    rows = named_args["N_u"]
+    loads = 1 if (kwargs.get("PREMERGED") or kwargs.get("K_EXP", 1) == 1) else kwargs["K_EXP"]
+    elt = named_args["x_ptr"].element_size()
+    max_n = max(64, triton.next_power_of_2(dim))
+    max_m = max(64, triton.next_power_of_2(rows))
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + loads * bk * bn) * elt
+        if smem > _SMEM_BYTES or bn > max_n or bm > max_m or bk > max(32, triton.next_power_of_2(dim)):
+            continue
+        if bm * bn >= 128 * 256 and c.num_warps < 8:  # a 128x256 fp32 accumulator needs 8 warps
+            continue
+        kept.append(c)
+    if not kept:  # many experts per sample: a small tile, pipelined only if that fits
+        stages = 2 if 2 * (64 * 32 + loads * 32 * 64) * elt <= _SMEM_BYTES else 1
+        kept = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4,
+                              num_stages=stages)]
+    return kept
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: IEEE fp32 unless PyTorch itself allows TF32 (it does not by default)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; ignored for 16-bit operands
+
+
+@triton.jit
+def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows_k, cols_n, mask, D,
+                     K_EXP: tl.constexpr, PREMERGED: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """A [len(rows_k), len(cols_n)] chunk of W~ (or W~^T when TRANSPOSE) in W's dtype.
+
+    W~ = sum_j g_j W_ej summed in fp32 over the k expert chunks, then cast once to the input dtype
+    (the operand tl.dot runs on). k = 1 and PREMERGED load the chunk as is: k = 1 scales the
+    accumulator by g instead (exact in fp32), PREMERGED weights are W~ already.
+    """
+    if TRANSPOSE:
+        offs = cols_n[None, :] * D + rows_k[:, None]  # chunk[kk, nn] = W[nn, kk]
+    else:
+        offs = rows_k[:, None] * D + cols_n[None, :]
+    if PREMERGED or K_EXP == 1:
+        if PREMERGED:
+            base = w_ptr
+        else:
+            base = w_ptr + tl.load(ids_ptr + unit * K_EXP).to(tl.int64) * D * D
+        return tl.load(base + offs, mask=mask, other=0.0)
+    w = tl.zeros(offs.shape, dtype=tl.float32)
+    for j in tl.static_range(K_EXP):
+        e = tl.load(ids_ptr + unit * K_EXP + j).to(tl.int64)
+        gj = tl.load(g_ptr + unit * K_EXP + j)
+        w += gj * tl.load(w_ptr + e * D * D + offs, mask=mask, other=0.0).to(tl.float32)
+    return w.to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
+def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
+                K_EXP: tl.constexpr, PREMERGED: tl.constexpr):
+    """b~[cols] = sum_j g_j b_ej[cols] in fp32 (PREMERGED: b_ptr already holds b~ in fp32)."""
+    if PREMERGED:
+        return tl.load(b_ptr + cols_n, mask=mask_n, other=0.0).to(tl.float32)
+    bt = tl.zeros(cols_n.shape, dtype=tl.float32)
+    for j in tl.static_range(K_EXP):
+        e = tl.load(ids_ptr + unit * K_EXP + j).to(tl.int64)
+        gj = tl.load(g_ptr + unit * K_EXP + j)
+        bt += gj * tl.load(b_ptr + e * D + cols_n, mask=mask_n, other=0.0).to(tl.float32)
+    return bt
+
+
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
+                 prune_configs_by={"early_config_prune": prune_fwd_configs})
+@triton.jit
+def _switch_modulation_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, r_ptr, y_ptr,
+        N_u, D,
+        K_EXP: tl.constexpr, HAS_BIAS: tl.constexpr, PREMERGED: tl.constexpr,
+        STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """r[rows, cols] = x * (1 + y), y = x @ W~_unit + b~_unit; one program per (M tile, N tile)."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(D, BLOCK_N)
+    tiles_per_unit = tl.cdiv(N_u, BLOCK_M)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    unit = pid_m // tiles_per_unit
+    m_start = (pid_m % tiles_per_unit) * BLOCK_M
+    # The tile's first row as a scalar int64 (B*N*D exceeds 2^31 at B=256, N=1024, D=1152), int32
+    # offsets inside the tile (BLOCK_M*D < 2^31): per-element int64 offsets cost registers.
+    tile_base = (unit.to(tl.int64) * N_u + m_start) * D
+    lm = tl.arange(0, BLOCK_M)
+    mask_m = lm < N_u - m_start
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < D
+    in_ty = x_ptr.dtype.element_ty
+    x_tile = x_ptr + tile_base
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < D
+        a = tl.load(x_tile + lm[:, None] * D + kk[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
+                             mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED, False)
+        acc = tl.dot(a, w.to(in_ty), acc, input_precision=DOT_PRECISION)
+    if K_EXP == 1 and not PREMERGED:
+        acc = acc * tl.load(g_ptr + unit)
+    if HAS_BIAS:
+        acc += merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols, mask_n, D, K_EXP, PREMERGED)[None, :]
+
+    out_offs = lm[:, None] * D + cols[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    xo = tl.load(x_tile + out_offs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(r_ptr + tile_base + out_offs, (xo * (1.0 + acc)).to(r_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_Y:
+        tl.store(y_ptr + tile_base + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_experts_kernel(w_ptr, b_ptr, g_ptr, ids_ptr, wm_ptr, bm_ptr, D,
+                          K_EXP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """wm = sum_j g_j W[e_j] (fp32 sum, cast to W's dtype), bm = sum_j g_j b[e_j] (fp32), flat."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D * D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bacc = tl.zeros([BLOCK], dtype=tl.float32)
+    bmask = offs < D
+    for j in tl.static_range(K_EXP):
+        e = tl.load(ids_ptr + j).to(tl.int64)
+        gj = tl.load(g_ptr + j)
+        acc += gj * tl.load(w_ptr + e * D * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bacc += gj * tl.load(b_ptr + e * D + offs, mask=bmask, other=0.0).to(tl.float32)
+    tl.store(wm_ptr + offs, acc.to(wm_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(bm_ptr + offs, bacc, mask=bmask)
+
+
+def merge_experts(weight: torch.Tensor, bias: Optional[torch.Tensor], g: torch.Tensor,
+                  ids: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """W~ [D, D] (weight's dtype) and b~ [D] (float32) of one routing row: g [k] float32, ids [k] int32.
+
+    The same fp32-sum-then-cast as the in-kernel formation; one launch, no host sync.
+    """
+    dim = weight.shape[1]
+    wm = torch.empty(dim, dim, device=weight.device, dtype=weight.dtype)
+    bm = torch.empty(dim, device=weight.device, dtype=torch.float32) if bias is not None else None
+    block = 1024
+    _merge_experts_kernel[(triton.cdiv(dim * dim, block),)](
+        weight, bias if bias is not None else wm, g, ids, wm, bm if bm is not None else wm, dim,
+        K_EXP=g.numel(), HAS_BIAS=bias is not None, BLOCK=block)
+    return wm, bm
+
+
+def merge_experts_torch(weight, bias, g, ids):
+    """Reference of `merge_experts` in plain PyTorch."""
+    g = g.float().reshape(-1)
+    ids = ids.long().reshape(-1)
+    wm = (g[:, None, None] * weight[ids].float()).sum(0).to(weight.dtype)
+    bm = (g[:, None] * bias[ids].float()).sum(0) if bias is not None else None
+    return wm, bm
+
+
+def is_shared_routing(x: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+    """One routing row for B > 1 samples: the one-timestep fast path (a shape test, no sync)."""
+    return topk_ids.shape[0] == 1 and x.shape[0] > 1
+
+
+def launch_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], g: torch.Tensor,
+               ids: torch.Tensor, rows_per_unit: int, r: torch.Tensor, y: Optional[torch.Tensor], *,
+               premerged: bool) -> None:
+    """Launch the forward kernel on prepared arguments (all contiguous).
+
+    x, r, y: [M, D] views (y None: not stored).  weight: [E, D, D], or W~ [D, D] when premerged.
+    bias: [E, D] / b~ [D] float32 (premerged) / None.  g: [R, k] float32.  ids: [R, k] int32.
+    rows_per_unit: N_u, with R * N_u = M.
+    """
+    num_units, k = ids.shape
+    dim = x.shape[-1]
+
+    def grid(meta):
+        tiles_m = num_units * triton.cdiv(rows_per_unit, meta["BLOCK_M"])
+        return (tiles_m * triton.cdiv(dim, meta["BLOCK_N"]),)
+
+    _switch_modulation_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, g, ids, r, y if y is not None else r,
+        rows_per_unit, dim,
+        K_EXP=1 if premerged else k, HAS_BIAS=bias is not None, PREMERGED=premerged,
+        STORE_Y=y is not None, DOT_PRECISION=dot_precision(x.dtype))
+
+
+def prepare_routing(topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """topk_weights -> contiguous float32, topk_ids -> contiguous int32 (device casts, no sync)."""
+    return (topk_weights.detach().to(torch.float32).contiguous(),
+            topk_ids.to(torch.int32).contiguous())
+
+
+def switch_modulation_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, store_y: bool = False,
+                          out: Optional[torch.Tensor] = None, y_out: Optional[torch.Tensor] = None,
+                          merged: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None):
+    """Forward of the SMoE modulation with the Triton kernel (no autograd).
+
+    Args:
+        x: [B, N, D] float32/float16/bfloat16.  weight: [E, D, D] x's dtype.  bias: [E, D] or None.
+        topk_weights: [B, k] or [1, k] (shared by all samples) any float dtype, used in float32.
+        topk_ids: same shape, int32/int64.
+        store_y: also return y = x W~ + b~ [B, N, D] in x's dtype (the backward's saved activation).
+        out, y_out: optional preallocated [B, N, D] outputs (tests poison them with NaN).
+        merged: (W~, b~) of a shared routing row when already computed.
+    Returns:
+        (r, y or None, merged or None): r [B, N, D] in x's dtype; merged is the (W~ [D, D], b~ [D] fp32)
+        pair used on the shared-routing path, for the backward to reuse.
+    """
+    batch, tokens, dim = x.shape
+    x = x.contiguous()
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    r = out if out is not None else torch.empty_like(x)
+    y = (y_out if y_out is not None else torch.empty_like(x)) if store_y else None
+    g, ids = prepare_routing(topk_weights, topk_ids)
+    if is_shared_routing(x, topk_ids):
+        if merged is None:
+            merged = merge_experts(weight, bias, g.reshape(-1), ids.reshape(-1))
+        launch_fwd(x.view(-1, dim), merged[0], merged[1], g, ids, batch * tokens, r.view(-1, dim),
+                   y.view(-1, dim) if y is not None else None, premerged=True)
+    else:
+        merged = None
+        launch_fwd(x.view(-1, dim), weight, bias, g, ids, tokens, r.view(-1, dim),
+                   y.view(-1, dim) if y is not None else None, premerged=False)
+    return r, y, merged
+
+
+def switch_modulation_fwd_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `switch_modulation_fwd` (store_y=True) in plain PyTorch, computed in float32
+    (float64 for float64 inputs) with W~_b materialised: returns (r, y) in x's dtype."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = topk_weights.to(acc_dtype)
+    ids = topk_ids.long()
+    w_t = (g[:, :, None, None] * weight[ids].to(acc_dtype)).sum(1)  # [R, D, D]
+    y = torch.matmul(x.to(acc_dtype), w_t)                              # R = 1 broadcasts
+    if bias is not None:
+        y = y + (g[:, :, None] * bias[ids].to(acc_dtype)).sum(1)[:, None, :]
+    r = x.to(acc_dtype) * (1 + y)
+    return r.to(x.dtype), y.to(x.dtype)

@@ -1,0 +1,475 @@
+"""Backward kernels of Switch-DiT's SMoE modulation: dx, dW, db and d(topk_weights), no atomics.
+
+Forward (see switch_modulation.py): y_b = x_b W~_b + b~_b, r_b = x_b * (1 + y_b), W~_b = sum_j g_bj W_ej.
+With dR the incoming gradient and u = dR * x (the gradient with respect to y):
+
+    dx_b   = dR_b * (1 + y_b) + u_b W~_b^T                     (dx kernel: one GEMM, W~ on chip)
+    P_b    = x_b^T u_b                                          ([D, D] per sample, never stored)
+    dW_e   = sum_{b: e in E_b} g_be P_b                         (dW kernel)
+    dg_bj  = <W_ej, P_b>_F + <b_ej, s_b>,   s_b = sum_n u_bn    (dW kernel + a [B, k] torch epilogue)
+    db_e   = sum_b g_be s_b
+
+Work, B*N*D*D MACs = one dense Linear(D, D):
+- dx kernel: 1 GEMM + the same on-chip W~ formation as the forward (k/BLOCK_M of the MACs).
+- dW kernel: 1 GEMM for k <= 4, whatever E (ceil(k/4) GEMMs beyond). Each program owns one
+  [BLOCK_I, BLOCK_J] tile of the D x D grid and a contiguous range ("split") of the samples, sorted
+  by their expert tuple (e_b0..e_b,k-1). Per sample it computes the P_b tile once
+  (N*BLOCK_I*BLOCK_J MACs on the tensor cores), then on the CUDA cores adds g_bj * P_b into k fp32
+  accumulators (one per slot) and forms the k Frobenius products <W_ej tile, P_b tile> for dg:
+  2k*BLOCK_I*BLOCK_J FMAs, i.e. 2k/N of the GEMM's MACs (k=2, N=256: 1.6 %; CUDA cores being ~15x
+  slower per op than the tensor cores, ~20 % of its time). Because samples are sorted by tuple, all
+  samples between two tuple changes share the experts of every slot, and the accumulators are
+  flushed (read-modify-write of the program's own dW tile in a per-split fp32 buffer) only when
+  the tuple changes: at most min(B, E!/(E-k)!) times per split (6 for E=3, k=2), not per sample.
+  The loops run over samples (B, known on the host), so no bound depends on the routing.
+  Computing dW per (expert, tile) over the samples routed to the expert instead (the grouped-GEMM
+  way, via build_routing_metadata's expert offsets) would compute every P_b tile k times: k GEMMs.
+- The reduction over splits (torch.sum over dim 0 of [S, E, D, D]) and over tiles for dg are fixed-
+  order sums: the backward is bit-identical run to run. No float atomics anywhere.
+Total: about 2 dense GEMMs of MACs for the backward, independent of k and E.
+
+Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel overwrites it in place
+with u (each program reads its y tile, then writes u to the same tile), so the backward allocates
+no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 8 splits, chosen to fill the GPU) +
+[B, k, tiles] and [B, D] fp32.
+
+One routing shared by the whole batch ([1, k]): dx runs on the premerged W~ as one dense GEMM over
+B*N rows; dW/dg treat the B*N rows as S "virtual units" of ceil(B*N/S) rows routed alike (one tuple,
+one flush per program) and sum dg over them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
+from .switch_modulation import (
+    dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
+    prune_fwd_configs,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# dx = dR * (1 + y) + (dR * x) @ W~^T, and u = dR * x written over y.
+# ----------------------------------------------------------------------------------------------
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
+                 prune_configs_by={"early_config_prune": prune_fwd_configs},
+                 restore_value=["y_ptr"])  # benchmarking reruns the kernel; y -> u is not idempotent
+@triton.jit
+def _switch_modulation_dx_kernel(
+        dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr,
+        N_u, D,
+        K_EXP: tl.constexpr, PREMERGED: tl.constexpr, STORE_U: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile)."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(D, BLOCK_N)
+    tiles_per_unit = tl.cdiv(N_u, BLOCK_M)
+    pid_m = pid // n_tiles_n
+    pid_n = pid % n_tiles_n
+    unit = pid_m // tiles_per_unit
+    m_start = (pid_m % tiles_per_unit) * BLOCK_M
+    tile_base = (unit.to(tl.int64) * N_u + m_start) * D  # scalar int64, int32 offsets in the tile
+    lm = tl.arange(0, BLOCK_M)
+    mask_m = lm < N_u - m_start
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < D
+    in_ty = x_ptr.dtype.element_ty
+    dr_tile = dr_ptr + tile_base
+    x_tile = x_ptr + tile_base
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < D
+        a_offs = lm[:, None] * D + kk[None, :]
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        # u = dR * x on the fly, rounded to the input dtype as autograd's own product would be
+        u = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+             * tl.load(x_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)).to(in_ty)
+        wt = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
+                              mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED, True)
+        acc = tl.dot(u, wt.to(in_ty), acc, input_precision=DOT_PRECISION)
+    if K_EXP == 1 and not PREMERGED:
+        acc = acc * tl.load(g_ptr + unit)
+
+    offs = lm[:, None] * D + cols[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    dr = tl.load(dr_tile + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + tile_base + offs, mask=mask, other=0.0).to(tl.float32)
+    dx = dr * (1.0 + y) + acc
+    tl.store(dx_ptr + tile_base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if STORE_U:
+        x = tl.load(x_tile + offs, mask=mask, other=0.0).to(tl.float32)
+        # This tile of y is read by this program only. The barrier orders every thread's read of y
+        # (consumed by the dx store above) before any thread overwrites it with u.
+        tl.debug_barrier()
+        tl.store(y_ptr + tile_base + offs, (dr * x).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bool, store_u: bool) -> None:
+    """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D])."""
+    num_units, k = ids.shape
+    dim = x.shape[-1]
+
+    def grid(meta):
+        tiles_m = num_units * triton.cdiv(rows_per_unit, meta["BLOCK_M"])
+        return (tiles_m * triton.cdiv(dim, meta["BLOCK_N"]),)
+
+    _switch_modulation_dx_kernel[grid](
+        dr, x, weight, g, ids, y, dx, rows_per_unit, dim,
+        K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u,
+        DOT_PRECISION=dot_precision(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# dW, dg (weight part) and s = per-unit column sums of u.
+# ----------------------------------------------------------------------------------------------
+MAX_SLOTS = 4  # slot accumulators one dW kernel launch holds; k > 4 runs ceil(k / 4) launches
+
+
+def dw_tile(k: int) -> Tuple[int, int]:
+    """(BLOCK_I, BLOCK_J) of the dW kernel for k experts per sample (8 warps).
+
+    A program holds the P tile and min(k, 4) slot accumulators, fp32 in the MMA layout. Checked
+    with ptxas for sm_90 (bf16): k <= 2 at 128x64 and k = 3, 4 at 64x64 compile without spills;
+    128x128 spills even at k = 1.
+    """
+    if triton_interpreting():
+        return 32, 32
+    return (128, 64) if k <= 2 else (64, 64)
+
+
+def _dw_configs():
+    if triton_interpreting():
+        return [triton.Config({"BLOCK_R": 16}, num_warps=4, num_stages=1)]
+    # BLOCK_R is the K of the per-sample P tile GEMM (rows of the sample per step)
+    return [triton.Config({"BLOCK_R": br}, num_warps=8, num_stages=s)
+            for br, s in ((64, 3), (32, 3), (64, 4), (32, 4))]
+
+
+@triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J"],
+                 reset_to_zero=["partial_ptr"])  # accumulated read-modify-write
+@triton.jit
+def _switch_modulation_dw_kernel(
+        x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr, usum_ptr,
+        M, N_u, D, E, num_units, units_per_split, slot0,
+        K_EXP: tl.constexpr, SLOTS: tl.constexpr, WRITE_USUM: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (split, D x D tile): P_b tiles of its units, mixed into dW / dg / s.
+
+    Handles slots slot0 .. slot0 + SLOTS - 1 (SLOTS <= 4) of each unit's k.
+    partial: [S, E, D, D] fp32, zero on entry (a launch per 4 slots, each its own S slices).
+    dgp: [R, k, tiles] fp32.
+    usum: [R, D] fp32 (WRITE_USUM).  order: [R] int32, units sorted by expert tuple; split s owns
+    order[s * units_per_split : (s + 1) * units_per_split].
+    The slot accumulators are separate 2-D tensors (acc0..acc3, unused ones compiled away), so they
+    stay in the tl.dot result's register layout: updating them needs no layout conversion.
+    """
+    pid = tl.program_id(0)
+    n_tiles_j = tl.cdiv(D, BLOCK_J)
+    n_tiles = tl.cdiv(D, BLOCK_I) * n_tiles_j
+    split = pid // n_tiles       # programs of one split are adjacent: they stream the same x/u rows
+    tile = pid % n_tiles
+    ti = tile // n_tiles_j
+    tj = tile % n_tiles_j
+    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tj * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = offs_i < D
+    mask_j = offs_j < D
+    usum_mask = mask_j & ((offs_j * 0 + ti) == 0)  # tile row 0 writes s (a vector mask: interpreter)
+    split_base = partial_ptr + split.to(tl.int64) * E * D * D
+
+    p_start = split * units_per_split
+    p_end = tl.minimum(p_start + units_per_split, num_units)
+    # acc_j: sum of g_bj P_b over the current run of units with equal tuples (units are sorted).
+    acc0 = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    for p in range(p_start, p_end):
+        unit = tl.load(order_ptr + p)
+        base = unit * K_EXP + slot0
+        # P tile = x_unit[:, I]^T @ u_unit[:, J] over the unit's N_u rows (the tensor-core work).
+        # Scalar int64 base of the unit, int32 offsets inside it (N_u * D < 2^31, see launch_dw):
+        # per-element int64 offsets would cost 2 registers per element and pipeline stage.
+        row0 = unit.to(tl.int64) * N_u
+        unit_rows = tl.minimum(N_u, M - row0).to(tl.int32)  # the last shared-path unit may be short
+        x_unit = x_ptr + row0 * D
+        u_unit = u_ptr + row0 * D
+        ptile = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+        usum = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for r0 in range(0, N_u, BLOCK_R):
+            local = r0 + tl.arange(0, BLOCK_R)
+            mask_r = local < unit_rows
+            xt = tl.load(x_unit + local[:, None] * D + offs_i[None, :],
+                         mask=mask_r[:, None] & mask_i[None, :], other=0.0)
+            ut = tl.load(u_unit + local[:, None] * D + offs_j[None, :],
+                         mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+            ptile = tl.dot(tl.trans(xt), ut, ptile, input_precision=DOT_PRECISION)
+            if WRITE_USUM:
+                usum += tl.sum(ut.to(tl.float32), axis=0)
+        if WRITE_USUM:
+            tl.store(usum_ptr + unit.to(tl.int64) * D + offs_j, usum, mask=usum_mask)
+        # Mix P into the slot accumulators and form dg's Frobenius products (CUDA cores).
+        e0 = tl.load(ids_ptr + base)
+        acc0 += tl.load(g_ptr + base) * ptile
+        _slot_dg(dgp_ptr, base, n_tiles, tile, w_ptr, e0, offs_i, offs_j, D, ptile)
+        if SLOTS > 1:
+            e1 = tl.load(ids_ptr + base + 1)
+            acc1 += tl.load(g_ptr + base + 1) * ptile
+            _slot_dg(dgp_ptr, base + 1, n_tiles, tile, w_ptr, e1, offs_i, offs_j, D, ptile)
+        if SLOTS > 2:
+            e2 = tl.load(ids_ptr + base + 2)
+            acc2 += tl.load(g_ptr + base + 2) * ptile
+            _slot_dg(dgp_ptr, base + 2, n_tiles, tile, w_ptr, e2, offs_i, offs_j, D, ptile)
+        if SLOTS > 3:
+            e3 = tl.load(ids_ptr + base + 3)
+            acc3 += tl.load(g_ptr + base + 3) * ptile
+            _slot_dg(dgp_ptr, base + 3, n_tiles, tile, w_ptr, e3, offs_i, offs_j, D, ptile)
+        # The run closes at the split's last unit or when the next unit's tuple differs: flush the
+        # accumulators into the split's dW tiles (rare, units being sorted by tuple), slot by slot
+        # so that a row naming one expert twice adds both slots. Done after the P tile is dead, to
+        # keep the flush's layout conversions out of the hot loop's register peak.
+        nxt = tl.load(order_ptr + tl.minimum(p + 1, p_end - 1)) * K_EXP + slot0
+        close = (p == p_end - 1) | (tl.load(ids_ptr + nxt) != e0)
+        if SLOTS > 1:
+            close = close | (tl.load(ids_ptr + nxt + 1) != e1)
+        if SLOTS > 2:
+            close = close | (tl.load(ids_ptr + nxt + 2) != e2)
+        if SLOTS > 3:
+            close = close | (tl.load(ids_ptr + nxt + 3) != e3)
+        if close:
+            _flush_slot(acc0, e0, split_base, offs_i, offs_j, D)
+            if SLOTS > 1:
+                _flush_slot(acc1, e1, split_base, offs_i, offs_j, D)
+            if SLOTS > 2:
+                _flush_slot(acc2, e2, split_base, offs_i, offs_j, D)
+            if SLOTS > 3:
+                _flush_slot(acc3, e3, split_base, offs_i, offs_j, D)
+        acc0 = tl.where(close, 0.0, acc0)
+        if SLOTS > 1:
+            acc1 = tl.where(close, 0.0, acc1)
+        if SLOTS > 2:
+            acc2 = tl.where(close, 0.0, acc2)
+        if SLOTS > 3:
+            acc3 = tl.where(close, 0.0, acc3)
+
+
+@triton.jit
+def _flush_slot(acc, e, split_base, offs_i, offs_j, D):
+    """partial[split, e, tile] += acc. This program is the only writer of its (split, tile) region
+    (no atomics); the barrier orders its read-modify-writes of one tile across its threads."""
+    tile_offs = offs_i[:, None] * D + offs_j[None, :]
+    tile_mask = (offs_i < D)[:, None] & (offs_j < D)[None, :]
+    ptrs = split_base + e.to(tl.int64) * D * D + tile_offs
+    old = tl.load(ptrs, mask=tile_mask, other=0.0)
+    tl.store(ptrs, old + acc, mask=tile_mask)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _slot_dg(dgp_ptr, slot_index, n_tiles, tile, w_ptr, e, offs_i, offs_j, D, ptile):
+    """dgp[unit, slot, tile] = <W_e tile, P tile>_F (the W tile is an L2 hit: E*D*D is small)."""
+    tile_offs = offs_i[:, None] * D + offs_j[None, :]
+    tile_mask = (offs_i < D)[:, None] & (offs_j < D)[None, :]
+    w = tl.load(w_ptr + e.to(tl.int64) * D * D + tile_offs, mask=tile_mask, other=0.0)
+    tl.store(dgp_ptr + slot_index.to(tl.int64) * n_tiles + tile,
+             tl.sum(tl.sum(w.to(tl.float32) * ptile, axis=1), axis=0))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dw_splits(num_units: int, n_tiles: int, device: torch.device, budget_bytes: int,
+              slice_bytes: int) -> int:
+    """Number of sample splits S of the dW kernel (SWITCH_DIT_SMOD_DW_SPLITS overrides).
+
+    Programs = S * tiles. Pick S <= 8 minimising the makespan ceil(S * tiles / SMs) / S (plus 2 % a
+    split for the reduction and flushes), with the [S, E, D, D] fp32 buffer within ``budget_bytes``.
+    Under the interpreter: 2, so the tests cross split boundaries.
+    """
+    env = os.environ.get("SWITCH_DIT_SMOD_DW_SPLITS")
+    if env:
+        return max(1, min(int(env), num_units))
+    if device.type != "cuda":
+        return max(1, min(2, num_units))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    limit = max(1, min(8, num_units, budget_bytes // max(slice_bytes, 1)))
+    best, best_cost = 1, float("inf")
+    for s in range(1, limit + 1):
+        cost = -(-s * n_tiles // sms) / s + 0.02 * s
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def unit_order(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[R] int32: units sorted (stably) by their expert tuple (ids[r, 0], ..., ids[r, k-1]).
+
+    Device sorts only (no sync). A mixed-radix int64 key when E^k < 2^62, else k stable sorts.
+    """
+    num_units, k = ids.shape
+    ids = ids.long()
+    if num_experts ** k < 2 ** 62:
+        key = torch.zeros(num_units, dtype=torch.int64, device=ids.device)
+        for j in range(k):
+            key = key * num_experts + ids[:, j]
+        return torch.argsort(key, stable=True).to(torch.int32)
+    order = torch.arange(num_units, device=ids.device)
+    for j in reversed(range(k)):
+        order = order[torch.argsort(ids[order, j], stable=True)]
+    return order.to(torch.int32)
+
+
+def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
+              dgp: Optional[torch.Tensor] = None, usum: Optional[torch.Tensor] = None):
+    """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], dgp [R, k, T], usum [R, D]).
+
+    x, u: [M, D].  weight [E, D, D].  g [R, k] float32, ids [R, k] int32, order [R] int32.
+    R * rows_per_unit >= M (the last unit may be partial). k > 4: one launch per 4 slots, in order
+    (C = ceil(k / 4) launches, each recomputing P, each with its own S slices of `partial`).
+    """
+    num_units, k = ids.shape
+    num_experts, dim = weight.shape[0], weight.shape[1]
+    bi, bj = dw_tile(k)
+    n_tiles = triton.cdiv(dim, bi) * triton.cdiv(dim, bj)
+    units_per_split = triton.cdiv(num_units, splits)
+    splits = triton.cdiv(num_units, units_per_split)
+    chunks = triton.cdiv(k, MAX_SLOTS)
+    # One [S, E, D, D] slice per launch: the autotuner zeroes its `partial` argument when it
+    # benchmarks a new key, which must not wipe an earlier launch's sums.
+    partial = torch.zeros(chunks * splits, num_experts, dim, dim, device=x.device, dtype=torch.float32)
+    if dgp is None:
+        dgp = torch.empty(num_units, k, n_tiles, device=x.device, dtype=torch.float32)
+    if usum is None:
+        usum = torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
+    for chunk, slot0 in enumerate(range(0, k, MAX_SLOTS)):
+        _switch_modulation_dw_kernel[(splits * n_tiles,)](
+            x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], dgp, usum,
+            x.shape[0], rows_per_unit, dim, num_experts, num_units, units_per_split, slot0,
+            K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0), WRITE_USUM=slot0 == 0,
+            DOT_PRECISION=dot_precision(x.dtype), BLOCK_I=bi, BLOCK_J=bj)
+    return partial, dgp, usum
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole backward.
+# ----------------------------------------------------------------------------------------------
+def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor], topk_weights: torch.Tensor,
+                          topk_ids: torch.Tensor, y: torch.Tensor, *,
+                          merged: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+                          need_dx: bool = True, need_params: bool = True,
+                          dx_out: Optional[torch.Tensor] = None):
+    """Gradients of r = x * (1 + y) with the Triton kernels (no autograd, deterministic).
+
+    Args:
+        dr: [B, N, D] gradient of r.  x, weight, bias, topk_*: the forward's arguments.
+        y: [B, N, D] the forward's y (x's dtype, contiguous). OVERWRITTEN with u = dR * x.
+        merged: the forward's (W~, b~) on the shared-routing path (recomputed when None).
+        need_dx: compute dx.  need_params: compute dW, db, dg.
+        dx_out: optional preallocated dx.
+    Returns:
+        (dx | None, dW [E, D, D] weight's dtype | None, db [E, D] | None, dg [R, k] float32 | None).
+    """
+    batch, tokens, dim = x.shape
+    num_experts = weight.shape[0]
+    x = x.contiguous()
+    dr = dr.contiguous()
+    weight = weight.contiguous()
+    g, ids = prepare_routing(topk_weights, topk_ids)
+    shared = is_shared_routing(x, topk_ids)
+    x2, dr2, y2 = x.view(-1, dim), dr.view(-1, dim), y.view(-1, dim)
+
+    dx = None
+    if need_dx:
+        dx = dx_out if dx_out is not None else torch.empty_like(x)
+        if shared:
+            if merged is None:
+                merged = merge_experts(weight, bias, g.reshape(-1), ids.reshape(-1))
+            launch_dx(dr2, x2, merged[0], g, ids, y2, dx.view(-1, dim), batch * tokens,
+                      premerged=True, store_u=need_params)
+        else:
+            launch_dx(dr2, x2, weight, g, ids, y2, dx.view(-1, dim), tokens,
+                      premerged=False, store_u=need_params)
+    elif need_params:
+        torch.mul(dr, x, out=y)
+    if not need_params:
+        return dx, None, None, None
+
+    k = ids.shape[1]
+    rows = batch * tokens
+    bi, bj = dw_tile(k)
+    n_tiles = triton.cdiv(dim, bi) * triton.cdiv(dim, bj)
+    slice_bytes = triton.cdiv(k, MAX_SLOTS) * num_experts * dim * dim * 4
+    # The split buffer may use up to an x-sized budget (at least 4 weight-sized slices).
+    budget = max(x.numel() * x.element_size(), 4 * slice_bytes)
+    if shared:
+        # B*N rows routed alike: S virtual units, one per split, each a run of ceil(B*N / S) rows.
+        splits = dw_splits(rows, n_tiles, x.device, budget, slice_bytes)
+        # units of at most 2^31 elements: the kernel addresses rows inside a unit with int32
+        unit_rows = min(triton.cdiv(rows, splits), (2 ** 31 - 1) // dim)
+        num_units = triton.cdiv(rows, unit_rows)
+        g_u = g.expand(num_units, k).contiguous()
+        ids_u = ids.expand(num_units, k).contiguous()
+        order = torch.arange(num_units, device=x.device, dtype=torch.int32)
+    else:
+        splits = dw_splits(batch, n_tiles, x.device, budget, slice_bytes)
+        unit_rows, num_units, g_u, ids_u = tokens, batch, g, ids
+        order = unit_order(ids, num_experts)
+    partial, dgp, usum = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits)
+
+    dw = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    dg = dgp.sum(-1)                                                     # [R_u, k]
+    db = None
+    if bias is not None:
+        gate = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.float32)
+        gate.scatter_add_(1, ids_u.long(), g_u)     # one add per (unit, expert) unless ids repeat
+        db = (gate[:, :, None] * usum[:, None, :]).sum(0).to(bias.dtype)            # [E, D]
+        dg = dg + (bias.float()[ids_u.long()] * usum[:, None, :]).sum(-1)
+    if shared:
+        dg = dg.sum(0, keepdim=True)
+    return dx, dw.to(weight.dtype), db, dg
+
+
+def switch_modulation_bwd_torch(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                bias: Optional[torch.Tensor], topk_weights: torch.Tensor,
+                                topk_ids: torch.Tensor):
+    """Reference of `switch_modulation_bwd` by the closed-form gradients in plain PyTorch (float32,
+    float64 for float64 inputs; W~_b and P_b materialised). Returns (dx, dW, db | None, dg), dg in
+    the compute dtype (float32, or float64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch = x.shape[0]
+    g = topk_weights.to(acc)
+    ids = topk_ids.long()
+    xf, drf = x.to(acc), dr.to(acc)
+    w_t = (g[:, :, None, None] * weight[ids].to(acc)).sum(1)      # [R, D, D]
+    y = torch.matmul(xf, w_t)
+    if bias is not None:
+        y = y + (g[:, :, None] * bias[ids].to(acc)).sum(1)[:, None, :]
+    u = drf * xf
+    dx = drf * (1 + y) + torch.matmul(u, w_t.transpose(1, 2))
+    p = torch.matmul(xf.transpose(1, 2), u)                         # [B, D, D]
+    s = u.sum(1)                                                     # [B, D]
+    if ids.shape[0] == 1 and batch > 1:
+        p, s = p.sum(0, keepdim=True), s.sum(0, keepdim=True)
+    dw = torch.zeros_like(weight, dtype=acc)
+    dw.index_add_(0, ids.reshape(-1), (g[:, :, None, None] * p[:, None]).reshape(-1, *p.shape[1:]))
+    dg = (weight[ids].to(acc) * p[:, None]).sum((-2, -1))
+    db = None
+    if bias is not None:
+        db = torch.zeros_like(bias, dtype=acc)
+        db.index_add_(0, ids.reshape(-1), (g[:, :, None] * s[:, None]).reshape(-1, s.shape[-1]))
+        dg = dg + (bias[ids].to(acc) * s[:, None]).sum(-1)
+    return (dx.to(x.dtype), dw.to(weight.dtype), db.to(bias.dtype) if db is not None else None,
+            dg)
