@@ -34,3 +34,10 @@ bench-cpu: install
 
 clean:
 	rm -rf build *.egg-info switch_dit_kernels/_C*.so results
+
+.PHONY: bench-gpu plots
+bench-gpu:
+	bash benchmarks/gpu_check.sh
+
+plots: install
+	$(PY) -m benchmarks.plot benchmarks/results/*/*.json --tables
