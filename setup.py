@@ -174,7 +174,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "triton>=3.2", "ninja", "pybind11"],
-        "fid": ["torch-fidelity"],
+        "fid": ["torch-fidelity", "clean-fid"],
         "latents": ["diffusers"],
     },
     ext_modules=cuda_extensions(),
@@ -183,5 +183,7 @@ setup(
         "switch-dit-train=switch_dit.train:main",
         "switch-dit-sample=switch_dit.sample:main",
         "switch-dit-evaluate=switch_dit.evaluate:main",
+        "switch-dit-encode-latents=switch_dit.encode_latents:main",
+        "switch-dit-demo=switch_dit.demo:main",
     ]},
 )
