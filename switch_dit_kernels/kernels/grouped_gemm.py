@@ -89,14 +89,15 @@ def _grouped_gemm_body(a_ptr, w_ptr, bias_ptr, scale_ptr, pre_ptr, out_ptr, offs
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # out_dtype=ACC: Triton <= 3.6 defaults out_dtype to float32 and rejects a float64 acc.
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         if GATED and not ACT_BWD:
             # Up half: columns N_OUT + cols of the [K, 2H] weight, same A tile.
             if EVEN_K and EVEN_N:
                 b_up = tl.load(b_ptrs + N_OUT * stride_wn)
             else:
                 b_up = tl.load(b_ptrs + N_OUT * stride_wn, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
 

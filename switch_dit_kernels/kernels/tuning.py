@@ -26,6 +26,14 @@ def autotuning_enabled() -> bool:
     return not triton_interpreting() and os.environ.get("SWITCH_DIT_AUTOTUNE", "1") != "0"
 
 
+def _untuned(kept):
+    """SWITCH_DIT_AUTOTUNE=0: keep only the first config that fits, so nothing is timed. The
+    untuned lists carry a small fallback after the default because Triton runs the pruner only
+    for lists of 2+ configs, and the default does not fit every case (float32 gated or float64
+    tiles need 288-384 KB of shared memory; an H100 block gets 227 KB: OutOfResources)."""
+    return kept if autotuning_enabled() else kept[:1]
+
+
 def _cfg(bm, bn, bk, warps, stages, **extra):
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra), num_warps=warps,
                          num_stages=stages)
@@ -37,7 +45,7 @@ def grouped_gemm_configs():
         return [_cfg(16, 32, 16, 1, 1, GROUP_M=2)]
     default = _cfg(128, 128, 64, 8, 4, GROUP_M=8)
     if not autotuning_enabled():
-        return [default]
+        return [default, _cfg(64, 64, 32, 4, 3, GROUP_M=8)]
     return [
         _cfg(128, 256, 64, 8, 3, GROUP_M=8),
         default,
@@ -57,7 +65,7 @@ def weight_grad_configs():
         return [_cfg(16, 32, 32, 1, 1)]
     default = _cfg(64, 128, 128, 8, 3)
     if not autotuning_enabled():
-        return [default]
+        return [default, _cfg(64, 64, 64, 4, 3)]
     return [
         default,
         _cfg(64, 256, 128, 8, 3),
@@ -85,7 +93,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         if bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim):
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return _untuned(kept) or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def prune_weight_grad_configs(configs, named_args, **kwargs):
@@ -102,7 +110,7 @@ def prune_weight_grad_configs(configs, named_args, **kwargs):
                 (bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim)):
             continue
         kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])]
+    return _untuned(kept) or [min(configs, key=lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"])]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -76,7 +76,8 @@ def _weight_grad_body(a_ptr, b_ptr, scale_ptr, dw_ptr, db_ptr, offsets_ptr, sort
             b = b_acc.to(b.dtype)  # the same rounding as g * dY in the input dtype
         if HAS_DB:
             db += tl.sum(b.to(ACC), axis=0)
-        acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
+        # out_dtype=ACC: Triton <= 3.6 defaults out_dtype to float32 and rejects a float64 acc.
+        acc = tl.dot(a_t, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     dw_ptrs = (dw_ptr + split.to(tl.int64) * stride_dw_split
                + expert.to(tl.int64) * K * N_OUT + offs_k.to(tl.int64)[:, None] * N_OUT
