@@ -41,3 +41,8 @@ bench-gpu:
 
 plots: install
 	$(PY) -m benchmarks.plot benchmarks/results/*/*.json --tables
+
+.PHONY: compile-check
+# Ahead-of-time compile of every Triton kernel for sm_90/sm_80 (no GPU needed).
+compile-check: install
+	$(PY) benchmarks/compile_check.py
