@@ -26,17 +26,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from switch_dit_kernels.reference import activation_fn
+
 
 def _act(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "silu":
-        return F.silu(h)
-    if name == "relu":
-        return F.relu(h)
-    raise ValueError(f"activation must be gelu_tanh, gelu, silu or relu for the baselines, got {name!r}")
+    """The reference's activation; the baselines take the plain (ungated) ones only."""
+    if name not in ("gelu_tanh", "gelu", "silu", "relu"):
+        raise ValueError(f"activation must be gelu_tanh, gelu, silu or relu for the baselines, got {name!r}")
+    return activation_fn(name, h)
 
 
 def switch_modulation_loop(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
