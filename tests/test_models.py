@@ -7,6 +7,7 @@ import torch
 
 from switch_dit.models import DTR, MODELS, DiT, SwitchDiT, create_model, dtr_channel_masks
 from switch_dit.models.registry import SIZES as REGISTRY_SIZES
+from switch_dit.prior import diffusion_prior_loss
 
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 # A tiny model: depth 2, D = 32, 4 heads, 8x8 input with 3 channels, 5 classes, T = 20 timesteps.
@@ -182,6 +183,7 @@ def test_sampling_reuses_cache_and_optimizer_step_invalidates_it():
         cached = model._scratch.cache
         model(x, t, y)
         assert model._scratch.cache is cached
+        assert model._scratch.pending_match is None  # no prior loss follows a no-grad forward
     loss = model(x, t, y).square().mean() + model.auxiliary_loss(t)
     loss.backward()
     opt.step()
@@ -208,6 +210,12 @@ def test_auxiliary_loss_gradients_reach_only_gate_and_timestep_embedder():
     full = model.auxiliary_loss(t, generator=g)
     model.prior_loss_weight = 0.5
     torch.testing.assert_close(model.auxiliary_loss(t, generator=g.manual_seed(0)), full / 2)
+    # The forward queued the matching of its gate table; the loss equals the one matched anew.
+    assert model._scratch.pending_match is not None
+    fresh = diffusion_prior_loss(model._scratch.last_probs, t, model.prior_mask, model.k, weight=0.5,
+                                 generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.auxiliary_loss(t, generator=g.manual_seed(5)), fresh,
+                               rtol=0, atol=0)
     model.prior_loss_weight = 0.0
     assert model.auxiliary_loss(t) is None
     for name in ("DiT-S/2", "DTR-S/2"):

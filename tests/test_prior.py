@@ -6,8 +6,9 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from switch_dit.prior import (diffusion_prior_loss, diffusion_prior_mask, jensen_shannon,
-                              match_prior_columns, topk_gate_map)
+from switch_dit.prior import (PendingPriorMatch, diffusion_prior_loss, diffusion_prior_mask,
+                              jensen_shannon, match_prior_columns, prior_matching_cost,
+                              topk_gate_map)
 
 
 def direct_mask(steps, depth, experts, k, alpha):
@@ -141,3 +142,44 @@ def test_matching_bad_shapes():
         match_prior_columns(torch.rand(5, 3, 3), prior, 2)
     with pytest.raises(ValueError, match="gate_table must be"):
         match_prior_columns(torch.rand(5, 6), prior, 2)
+
+
+@pytest.mark.parametrize("depth,experts,k,steps", [
+    (3, 4, 2, 17),  # odd T
+    (2, 5, 5, 6),   # k = E: every cost equal (all ties)
+    (1, 3, 1, 1),   # T = 1, depth 1
+])
+def test_matching_cost_is_column_l1_distance(depth, experts, k, steps):
+    prior = diffusion_prior_mask(steps, depth, experts, k, alpha=2.0)
+    gates = torch.softmax(torch.randn(steps, depth, experts), -1)
+    binary = topk_gate_map(gates, k)
+    direct = (binary[:, :, None] - prior[:, None, :]).abs().sum(0)  # [DE, DE], column by column
+    assert torch.equal(prior_matching_cost(gates, prior, k), direct)
+
+
+def test_pending_match_equals_direct_matching_and_can_be_solved_again():
+    depth, experts, k, steps = 4, 3, 2, 50
+    prior = diffusion_prior_mask(steps, depth, experts, k)
+    gates = torch.softmax(torch.randn(steps, depth, experts), -1)
+    pending = PendingPriorMatch(gates, prior, k)
+    for seed in (0, 1):  # each result() draws its own tie-breaking shuffle
+        expected = match_prior_columns(gates, prior, k, generator=torch.Generator().manual_seed(seed))
+        got = pending.result(torch.Generator().manual_seed(seed))
+        assert got.dtype == torch.int64 and torch.equal(got, expected)
+    t = torch.randint(0, steps, (7,))
+    torch.testing.assert_close(
+        diffusion_prior_loss(gates, t, prior, k, match=pending, generator=torch.Generator().manual_seed(3)),
+        diffusion_prior_loss(gates, t, prior, k, generator=torch.Generator().manual_seed(3)),
+        rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_pending_match_on_cuda_equals_cpu_matching():
+    # The pinned-memory copy and event path; the matching itself is the CPU one.
+    depth, experts, k, steps = 12, 3, 2, 1000  # S/2's prior
+    prior = diffusion_prior_mask(steps, depth, experts, k)
+    gates = torch.softmax(torch.randn(steps, depth, experts), -1)
+    expected = match_prior_columns(gates, prior, k, generator=torch.Generator().manual_seed(0))
+    pending = PendingPriorMatch(gates.cuda(), prior.cuda(), k)
+    got = pending.result(torch.Generator().manual_seed(0))
+    assert got.is_cuda and torch.equal(got.cpu(), expected)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from switch_dit_kernels import TimestepMoE, TimestepRouting
 
-from ..prior import diffusion_prior_loss, diffusion_prior_mask
+from ..prior import PendingPriorMatch, diffusion_prior_loss, diffusion_prior_mask
 from .dit import DiT
 from .layers import DiTBlock
 
@@ -48,6 +48,7 @@ class _Scratch:
         self.cache_key: Optional[tuple] = None
         self.cache: Optional[GateTables] = None
         self.last_probs: Optional[torch.Tensor] = None
+        self.pending_match: Optional[PendingPriorMatch] = None  # of last_probs
 
     def __deepcopy__(self, memo) -> "_Scratch":
         return _Scratch()
@@ -165,7 +166,13 @@ class SwitchDiT(DiT):
 
     def _timestep_context(self, t: torch.Tensor) -> Tuple[torch.Tensor, Any]:
         tables = self.gate_tables()
-        self._scratch.last_probs = tables.probs
+        scratch = self._scratch
+        scratch.last_probs = tables.probs
+        # A training forward is followed by `auxiliary_loss`: queue its matching's device work and
+        # host copy now, at the start of the forward, so the prior loss waits for nothing.
+        training_with_prior = torch.is_grad_enabled() and self.prior_loss_weight > 0
+        scratch.pending_match = (PendingPriorMatch(tables.probs, self.prior_mask, self.k)
+                                 if training_with_prior else None)
         return tables.t_emb[t], tables
 
     def _run_block(self, index: int, block: nn.Module, x: torch.Tensor, c: torch.Tensor,
@@ -181,16 +188,21 @@ class SwitchDiT(DiT):
         """lambda * diffusion prior loss (`switch_dit.prior.diffusion_prior_loss`) for the batch's
         timesteps t [B], on the gate table of the latest forward (with its graph when that
         forward had grad: add the result to the loss before ``backward``). Its gradient reaches
-        the gates and the timestep embedder only. One host sync (the bipartite matching).
-        Returns None when prior_loss_weight == 0.
+        the gates and the timestep embedder only. The bipartite matching's cost matrix was queued
+        for the host by that forward (`switch_dit.prior.PendingPriorMatch`): this waits for that
+        copy only, not for the forward. Returns None when prior_loss_weight == 0.
         """
         if self.prior_loss_weight == 0:
             return None
-        probs = self._scratch.last_probs
+        scratch = self._scratch
+        probs, match = scratch.last_probs, scratch.pending_match
         if probs is None:
             probs = self.gate_tables().probs
+        if match is None:
+            match = PendingPriorMatch(probs, self.prior_mask, self.k)
         return diffusion_prior_loss(probs, t.reshape(-1), self.prior_mask, self.k,
-                                    weight=self.prior_loss_weight, generator=generator)
+                                    weight=self.prior_loss_weight, generator=generator,
+                                    match=match)
 
     @torch.no_grad()
     def expert_routing_table(self) -> torch.Tensor:
