@@ -17,7 +17,8 @@ Variants per model size:
   SwitchDiT[torch]        Switch-DiT, SMoE layers on the reference backend (the official loop's way)
   SwitchDiT[triton]       Switch-DiT, SMoE layers on the fused Triton `switch_modulation`
   ...+prior               "everything the official step does": also the diffusion prior loss
-                          (`model.auxiliary_loss(t)`, a host sync for its bipartite matching). The
+                          (`model.auxiliary_loss(t)`; its bipartite matching is solved on the host
+                          from a copy queued at the start of the forward). The
                           gate of every block on all 1,000 timesteps is part of every Switch-DiT
                           forward of this code base (one batched GEMM), so it is in all variants.
 
