@@ -33,19 +33,27 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_rows, num_experts
     # Masked columns get -1 so they are never picked (probabilities are >= 0).
     work = tl.where(mask, probs, -1.0)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if RENORMALIZE:
+        # The sum of the k picks comes from a first selection pass in registers. Storing the
+        # weights and reading them back to divide would race on the GPU: a stored value can be
+        # read by another thread of the program (a replica of the row's reduction result, possibly
+        # in another warp), with nothing ordering that read after the store.
+        scan = work
+        for j in tl.static_range(K):
+            best = tl.max(scan, axis=1)
+            best_id = tl.min(tl.where(scan == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            total += best
+            scan = tl.where(cols[None, :] == best_id[:, None], -2.0, scan)
     for j in tl.static_range(K):
         best = tl.max(work, axis=1)
         # Lowest column holding the maximum: the tie rule is "lower expert id wins".
         is_best = work == best[:, None]
         best_id = tl.min(tl.where(is_best, cols[None, :], BLOCK_E), axis=1)
+        if RENORMALIZE:
+            best = best / total
         tl.store(weights_ptr + rows.to(tl.int64) * K + j, best, mask=row_ok)
         tl.store(ids_ptr + rows.to(tl.int64) * K + j, best_id.to(tl.int64), mask=row_ok)
-        total += best
         work = tl.where(cols[None, :] == best_id[:, None], -2.0, work)
-    if RENORMALIZE:
-        for j in tl.static_range(K):
-            w = tl.load(weights_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=0.0)
-            tl.store(weights_ptr + rows.to(tl.int64) * K + j, w / total, mask=row_ok)
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = False,
