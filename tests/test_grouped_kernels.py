@@ -15,15 +15,28 @@ from switch_dit_kernels.kernels.grouped_gemm import grouped_gemm, grouped_gemm_t
 from switch_dit_kernels.kernels.weight_grad import weight_grad, weight_grad_torch
 
 NAN = float("nan")
+# The launchers are called directly (no backend dispatch), so their tensors must be where Triton
+# runs: the CPU through the interpreter (CI), else the GPU (gpu_check.sh runs this file on a CUDA
+# machine, where conftest leaves TRITON_INTERPRET unset and a CPU pointer would be rejected).
+DEVICE = ("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+          else "cpu")
 
 
 def routing(num_routes, k, tokens_per_route, num_experts, pattern):
-    _, ids = make_routing(num_routes, k, num_experts, pattern)
+    _, ids = make_routing(num_routes, k, num_experts, pattern, DEVICE)
     return build_routing_metadata(ids, num_experts, tokens_per_route=tokens_per_route)
 
 
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype, device=DEVICE)
+
+
+def rand(*shape):
+    return torch.rand(shape, device=DEVICE)
+
+
 def poisoned(*shape, dtype=torch.float32):
-    return torch.full(shape, NAN, dtype=dtype)
+    return torch.full(shape, NAN, dtype=dtype, device=DEVICE)
 
 
 # (R, k, N, E, pattern): "sparse" routing over E = 6 leaves experts 0, 2, 4 without rows (empty
@@ -51,15 +64,15 @@ def test_grouped_gemm_modes(mode):
     meta = routing(19, 1, 1, 5, "random") if scatter else routing(*META_ARGS)
     num_tokens = meta.num_routes * meta.tokens_per_route
     k_dim, w_cols = 37, 40  # odd K: a partial K step; 40 columns: a partial column tile
-    a = torch.randn(num_tokens if gather else meta.num_sorted_rows, k_dim)
+    a = randn(num_tokens if gather else meta.num_sorted_rows, k_dim)
     w_shape = (meta.num_experts,) + ((w_cols, k_dim) if transpose_w else (k_dim, w_cols))
-    w = torch.randn(w_shape) / k_dim ** 0.5
-    bias = torch.randn(meta.num_experts, w_cols) if use_bias else None
-    scale = torch.rand(meta.sorted_pairs.numel()) if use_scale else None
+    w = randn(*w_shape) / k_dim ** 0.5
+    bias = randn(meta.num_experts, w_cols) if use_bias else None
+    scale = rand(meta.sorted_pairs.numel()) if use_scale else None
     gated = act in ("swiglu", "geglu")
     pre = None
     if act_bwd:
-        pre = torch.randn(meta.num_sorted_rows, 2 * w_cols if gated else w_cols)
+        pre = randn(meta.num_sorted_rows, 2 * w_cols if gated else w_cols)
     kw = dict(bias=bias, gather=gather, transpose_w=transpose_w, activation=act, scale=scale,
               scatter=scatter, act_input=pre)
     want = grouped_gemm_torch(a, w, meta, store_pre=act is not None and not act_bwd, **kw)
@@ -77,8 +90,8 @@ def test_grouped_gemm_modes(mode):
 def test_grouped_gemm_float16_sorted_input():
     # float16 operands (fp32 accumulation), A already in sorted order, tokens_per_route = 24.
     meta = routing(2, 2, 24, 3, "random")
-    a = torch.randn(meta.num_sorted_rows, 24, dtype=torch.float16)
-    w = (torch.randn(3, 24, 24) / 5).half()
+    a = randn(meta.num_sorted_rows, 24, dtype=torch.float16)
+    w = (randn(3, 24, 24) / 5).half()
     out = poisoned(meta.num_sorted_rows, 24, dtype=torch.float16)
     grouped_gemm(a, w, meta, out=out)
     torch.testing.assert_close(out, grouped_gemm_torch(a, w, meta), rtol=2e-3, atol=2e-3)
@@ -94,9 +107,9 @@ def test_weight_grad(gather_a, gather_b, use_scale, split):
     # float32 partials are summed in a fixed order.
     meta = routing(*META_ARGS)
     num_tokens = meta.num_routes * meta.tokens_per_route
-    a = torch.randn(num_tokens if gather_a else meta.num_sorted_rows, 37)
-    b = torch.randn(num_tokens if gather_b else meta.num_sorted_rows, 24)
-    scale = torch.rand(meta.sorted_pairs.numel()) if use_scale else None
+    a = randn(num_tokens if gather_a else meta.num_sorted_rows, 37)
+    b = randn(num_tokens if gather_b else meta.num_sorted_rows, 24)
+    scale = rand(meta.sorted_pairs.numel()) if use_scale else None
     want_dw, want_db = weight_grad_torch(a, b, meta, gather_a=gather_a, gather_b=gather_b,
                                          scale=scale, with_bias=True)
     out, bias_out = poisoned(6, 37, 24), poisoned(6, 24)
@@ -116,15 +129,15 @@ def test_combine_and_gate_grad(tokens_per_route, k):
     # N = 1 (token routing), N = 5 and N = 24 (runs shorter / longer than a 16-row block).
     meta = routing(7, k, tokens_per_route, 5, "random")
     num_tokens = meta.num_routes * tokens_per_route
-    h = torch.randn(meta.num_sorted_rows, 37)
-    gate = torch.rand(meta.sorted_pairs.numel())
+    h = randn(meta.num_sorted_rows, 37)
+    gate = rand(meta.sorted_pairs.numel())
     out = poisoned(num_tokens, 37)
     combine(h, meta, gate, out=out)
     torch.testing.assert_close(out, combine_torch(h, meta, gate), rtol=1e-5, atol=1e-6)
     out_ng = poisoned(num_tokens, 37)
     combine(h, meta, None, out=out_ng)
     torch.testing.assert_close(out_ng, combine_torch(h, meta, None), rtol=1e-5, atol=1e-6)
-    dy = torch.randn(num_tokens, 37)
+    dy = randn(num_tokens, 37)
     dots = poisoned(meta.num_sorted_rows)
     dg = gate_grad(dy, h, meta, out=dots)
     assert dg.shape == (7, k) and dg.dtype == torch.float32

@@ -1,9 +1,17 @@
 """MoE and TimestepMoE modules: wiring, auxiliary losses, autocast, and the backends agreeing."""
+import os
+
 import pytest
 import torch
 
 from switch_dit_kernels import MoE, TimestepMoE
 from switch_dit_kernels import reference as ref
+
+
+# backend="triton" needs CUDA tensors unless the interpreter runs the kernels on the CPU (CI);
+# gpu_check.sh runs this file on a CUDA machine, where conftest leaves TRITON_INTERPRET unset.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRETING else "cpu"
 
 
 def _copy(src, dst):
@@ -98,9 +106,10 @@ def test_timestep_moe_forward_and_precomputed_routing():
 
 @pytest.mark.parametrize("d_hidden", [None, 20])
 def test_moe_triton_backend_matches_torch(d_hidden):
-    torch_moe = MoE(16, 5, 2, d_hidden=d_hidden, backend="torch")
+    torch_moe = MoE(16, 5, 2, d_hidden=d_hidden, backend="torch").to(TRITON_DEVICE)
     triton_moe = _copy(torch_moe, MoE(16, 5, 2, d_hidden=d_hidden, backend="triton"))
-    x = torch.randn(3, 11, 16)
+    triton_moe = triton_moe.to(TRITON_DEVICE)
+    x = torch.randn(3, 11, 16).to(TRITON_DEVICE)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = torch_moe(x1), triton_moe(x2)
     torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
@@ -117,7 +126,8 @@ def test_timestep_moe_triton_backend_matches_torch():
     torch.nn.init.normal_(torch_layer.weight, std=0.05)
     torch.nn.init.normal_(torch_layer.bias, std=0.05)
     triton_layer = _copy(torch_layer, TimestepMoE(16, 3, 2, d_cond=8, backend="triton"))
-    x, cond = torch.randn(2, 9, 16), torch.randn(2, 8)
+    torch_layer, triton_layer = torch_layer.to(TRITON_DEVICE), triton_layer.to(TRITON_DEVICE)
+    x, cond = torch.randn(2, 9, 16).to(TRITON_DEVICE), torch.randn(2, 8).to(TRITON_DEVICE)
     r1, _ = torch_layer(x, cond)
     r2, _ = triton_layer(x, cond)
     torch.testing.assert_close(r2, r1, rtol=1e-4, atol=1e-5)
