@@ -24,6 +24,9 @@
 #
 # Knobs (environment): OUT, PY (python3), BUDGET_S (470), SKIP_SETUP=1, SKIP_TESTS=1,
 # GPU_TEST_FILES (space-separated test files for tests_regular), PYTEST_WORKERS (4),
+# TEST_AUTOTUNE (0: the test stages run with SWITCH_DIT_AUTOTUNE=0, one grouped-GEMM config per
+# kernel variant instead of compiling and timing ~8; the tests check correctness, the benchmark
+# stages keep full autotuning; 1 autotunes in the tests too),
 # SWITCH_DIT_BUILD_CUDA / SWITCH_DIT_CUDA_ARCHS (see setup.py); DEVICE=cpu QUICK=1 run the same
 # stages on tiny shapes on the CPU (to try the script itself without a GPU).
 #
@@ -116,7 +119,8 @@ stage moe_ffn 90 "$PY" -m benchmarks.moe_layer --device "$DEVICE" --cases ffn ${
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null && (( PYTEST_WORKERS > 1 )); then XDIST=(-n "$PYTEST_WORKERS"); fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  stage tests_gpu 80 "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -p no:randomly ${XDIST[@]+"${XDIST[@]}"}
+  stage tests_gpu 80 env SWITCH_DIT_AUTOTUNE="${TEST_AUTOTUNE:-0}" \
+    "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -p no:randomly ${XDIST[@]+"${XDIST[@]}"}
 fi
 
 stage train_step 130 "$PY" -m benchmarks.train_step --device "$DEVICE" ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} \
@@ -135,7 +139,8 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   fi
   if [[ -n "$GPU_TEST_FILES" ]]; then
     # shellcheck disable=SC2086 - a list of paths
-    stage tests_regular 60 "$PY" -m pytest $GPU_TEST_FILES -q -m "not gpu" -p no:cacheprovider \
+    stage tests_regular 60 env SWITCH_DIT_AUTOTUNE="${TEST_AUTOTUNE:-0}" \
+      "$PY" -m pytest $GPU_TEST_FILES -q -m "not gpu" -p no:cacheprovider \
       -p no:randomly ${XDIST[@]+"${XDIST[@]}"}
   fi
 fi
