@@ -36,13 +36,15 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from .tuning import autotuning_enabled
 
 # ----------------------------------------------------------------------------------------------
 # Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
 # The space is BLOCK_M 64/128, BLOCK_N 64/128/256, BLOCK_K 32/64, 4/8 warps, 3/4 stages; by default
 # a curated 10 of its 48 points (each config costs a compilation, ~1 s, on the first call per key);
-# SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48. Under the interpreter a single small config: no
-# benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
+# SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48; SWITCH_DIT_AUTOTUNE=0 keeps the first that fits
+# (one compilation per key, the same bits in every process). Under the interpreter a single small
+# config: no benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
 # ----------------------------------------------------------------------------------------------
 _SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; keep headroom for the epilogue
 
@@ -97,7 +99,7 @@ def prune_fwd_configs(configs, named_args, **kwargs):
         stages = 2 if 2 * (row_tiles * 64 * 32 + loads * 32 * 64) * elt <= _SMEM_BYTES else 1
         kept = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4,
                               num_stages=stages)]
-    return kept
+    return kept if autotuning_enabled() else kept[:1]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

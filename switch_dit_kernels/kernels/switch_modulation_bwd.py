@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from .tuning import autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
     prune_fwd_configs,
@@ -150,8 +151,8 @@ def _dw_configs():
     if triton_interpreting():
         return [triton.Config({"BLOCK_R": 16}, num_warps=4, num_stages=1)]
     # BLOCK_R is the K of the per-sample P tile GEMM (rows of the sample per step)
-    return [triton.Config({"BLOCK_R": br}, num_warps=8, num_stages=s)
-            for br, s in ((64, 3), (32, 3), (64, 4), (32, 4))]
+    points = ((64, 3), (32, 3), (64, 4), (32, 4)) if autotuning_enabled() else ((64, 3),)
+    return [triton.Config({"BLOCK_R": br}, num_warps=8, num_stages=s) for br, s in points]
 
 
 @triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J"],
