@@ -110,6 +110,27 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def unit_row_tile(N_u, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (M tile, N tile) of the [units * N_u, D] rows, tiles never straddling units.
+
+    Returns (unit, tile_base, lm, mask_m, cols, mask_n): the unit (sample) it reads W~ of; the
+    tile's first element as a scalar int64 (B*N*D exceeds 2^31 at B=256, N=1024, D=1152) so
+    offsets inside the tile stay int32 (BLOCK_M*D < 2^31; per-element int64 costs registers);
+    local rows lm [BLOCK_M] and their mask; columns cols [BLOCK_N] and their mask.
+    """
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(D, BLOCK_N)
+    tiles_per_unit = tl.cdiv(N_u, BLOCK_M)
+    pid_m = pid // n_tiles_n
+    unit = pid_m // tiles_per_unit
+    m_start = (pid_m % tiles_per_unit) * BLOCK_M
+    tile_base = (unit.to(tl.int64) * N_u + m_start) * D
+    lm = tl.arange(0, BLOCK_M)
+    cols = (pid % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return unit, tile_base, lm, lm < N_u - m_start, cols, cols < D
+
+
+@triton.jit
 def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows_k, cols_n, mask, D,
                      K_EXP: tl.constexpr, PREMERGED: tl.constexpr, TRANSPOSE: tl.constexpr):
     """A [len(rows_k), len(cols_n)] chunk of W~ (or W~^T when TRANSPOSE) in W's dtype.
@@ -160,20 +181,7 @@ def _switch_modulation_fwd_kernel(
         STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """r[rows, cols] = x * (1 + y), y = x @ W~_unit + b~_unit; one program per (M tile, N tile)."""
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(D, BLOCK_N)
-    tiles_per_unit = tl.cdiv(N_u, BLOCK_M)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    unit = pid_m // tiles_per_unit
-    m_start = (pid_m % tiles_per_unit) * BLOCK_M
-    # The tile's first row as a scalar int64 (B*N*D exceeds 2^31 at B=256, N=1024, D=1152), int32
-    # offsets inside the tile (BLOCK_M*D < 2^31): per-element int64 offsets cost registers.
-    tile_base = (unit.to(tl.int64) * N_u + m_start) * D
-    lm = tl.arange(0, BLOCK_M)
-    mask_m = lm < N_u - m_start
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < D
+    unit, tile_base, lm, mask_m, cols, mask_n = unit_row_tile(N_u, D, BLOCK_M, BLOCK_N)
     in_ty = x_ptr.dtype.element_ty
     x_tile = x_ptr + tile_base
 

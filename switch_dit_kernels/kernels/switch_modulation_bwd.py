@@ -51,7 +51,7 @@ from ..backend import triton_interpreting
 from .tuning import autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
-    prune_fwd_configs,
+    prune_fwd_configs, unit_row_tile,
 )
 
 
@@ -69,18 +69,7 @@ def _switch_modulation_dx_kernel(
         DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile)."""
-    pid = tl.program_id(0)
-    n_tiles_n = tl.cdiv(D, BLOCK_N)
-    tiles_per_unit = tl.cdiv(N_u, BLOCK_M)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
-    unit = pid_m // tiles_per_unit
-    m_start = (pid_m % tiles_per_unit) * BLOCK_M
-    tile_base = (unit.to(tl.int64) * N_u + m_start) * D  # scalar int64, int32 offsets in the tile
-    lm = tl.arange(0, BLOCK_M)
-    mask_m = lm < N_u - m_start
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < D
+    unit, tile_base, lm, mask_m, cols, mask_n = unit_row_tile(N_u, D, BLOCK_M, BLOCK_N)
     in_ty = x_ptr.dtype.element_ty
     dr_tile = dr_ptr + tile_base
     x_tile = x_ptr + tile_base
