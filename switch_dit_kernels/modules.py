@@ -28,7 +28,13 @@ def _check_int(name: str, value, low: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def _check_backend(backend: str) -> None:
+def _check_layer_args(d_model, num_experts, k, backend: str) -> None:
+    """The arguments both layers take: positive ints, k <= num_experts, a known backend."""
+    _check_int("d_model", d_model)
+    _check_int("num_experts", num_experts)
+    _check_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -54,14 +60,9 @@ class MoE(nn.Module):
                  activation: str = "gelu_tanh", bias: bool = True, renormalize: bool = False,
                  backend: str = "auto", load_balance_coef: float = 0.0, z_loss_coef: float = 0.0):
         super().__init__()
-        _check_int("d_model", d_model)
-        _check_int("num_experts", num_experts)
-        _check_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+        _check_layer_args(d_model, num_experts, k, backend)
         if d_hidden is not None:
             _check_int("d_hidden", d_hidden)
-        _check_backend(backend)
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.d_hidden, self.activation = d_hidden, activation
         self.renormalize, self.backend = renormalize, backend
@@ -161,12 +162,7 @@ class TimestepMoE(nn.Module):
     def __init__(self, d_model: int, num_experts: int, k: int, *, d_cond: Optional[int] = None,
                  backend: str = "auto"):
         super().__init__()
-        _check_int("d_model", d_model)
-        _check_int("num_experts", num_experts)
-        _check_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
-        _check_backend(backend)
+        _check_layer_args(d_model, num_experts, k, backend)
         d_cond = d_model if d_cond is None else d_cond
         _check_int("d_cond", d_cond)
         self.d_model, self.num_experts, self.k, self.d_cond = d_model, num_experts, k, d_cond
