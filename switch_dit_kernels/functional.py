@@ -99,7 +99,7 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
 
 def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", recompute: bool = False) -> torch.Tensor:
     """Switch-DiT's SMoE modulation: r = x * (1 + sum_j g[b, j] * (x[b] @ W[e_bj] + bias[e_bj])).
 
     All N tokens of sample b share its k experts, so the Triton path merges them into one weight
@@ -109,6 +109,11 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         x: [B, N, D].  weight: [E, D, D], x's dtype.  bias: [E, D] or None.
         topk_weights: [B, k] floating.  topk_ids: [B, k] int32/int64. A single row ([1, k]) is
             shared by every sample (sampling, CFG pairs): the batch is then one dense GEMM.
+        recompute: memory for time, on the Triton path (other backends ignore it): by default
+            training keeps the expert output y ([B, N, D], x's dtype) from forward to backward
+            besides x; with recompute=True the backward computes y again, one more GEMM of the
+            forward's cost, and the layer keeps only x (in bf16, 2 of Switch-DiT's ~58 bytes
+            per token and channel saved per block).
     Returns:
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
@@ -116,7 +121,8 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     impl = resolve_backend(backend, x)
     if impl == "triton":
         from .modulation_ops import switch_modulation_triton
-        return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids)
+        return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids,
+                                        recompute=recompute)
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
         rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens

@@ -153,6 +153,8 @@ class TimestepMoE(nn.Module):
         d_model: D.  num_experts: E.  k: experts per sample.  d_cond: embedding width (default D).
         backend: "auto" (fused Triton `switch_modulation` on CUDA), "torch", "triton", "cuda",
             "grouped_mm".
+        recompute: keep no expert output from forward to backward, compute it again there (one
+            more D x D GEMM per layer, one x-sized activation less; Triton path only).
 
     forward(x [B, N, D], cond [B, d_cond] | None, *, routing=None) -> (r [B, N, D], TimestepRouting)
     with r = x * (1 + sum_j g_j (x W_ej + b_ej)). Pass ``routing`` (e.g. rows of a table computed by
@@ -160,13 +162,13 @@ class TimestepMoE(nn.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int, *, d_cond: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", recompute: bool = False):
         super().__init__()
         _check_layer_args(d_model, num_experts, k, backend)
         d_cond = d_model if d_cond is None else d_cond
         _check_int("d_cond", d_cond)
         self.d_model, self.num_experts, self.k, self.d_cond = d_model, num_experts, k, d_cond
-        self.backend = backend
+        self.backend, self.recompute = backend, bool(recompute)
         self.gate = nn.Sequential(nn.SiLU(), nn.Linear(d_cond, num_experts))
         self.weight = nn.Parameter(torch.zeros(num_experts, d_model, d_model))  # [E, Din, Dout]
         self.bias = nn.Parameter(torch.zeros(num_experts, d_model))
@@ -193,9 +195,10 @@ class TimestepMoE(nn.Module):
             routing = self.route(cond)
         dtype = _compute_dtype(x)
         r = switch_modulation(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),
-                              routing.topk_weights, routing.topk_ids, backend=self.backend)
+                              routing.topk_weights, routing.topk_ids, backend=self.backend,
+                              recompute=self.recompute)
         return r, routing
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
-                f"d_cond={self.d_cond}, backend={self.backend!r}")
+                f"d_cond={self.d_cond}, backend={self.backend!r}, recompute={self.recompute}")

@@ -186,6 +186,22 @@ def test_retain_graph_second_backward():
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_recompute_keeps_no_y_and_gives_the_same_bits(routing):
+    # recompute=True: the forward keeps no y on the autograd node, the backward recomputes it with
+    # the same kernel, so the output and every gradient are bit-identical to the default path.
+    x, weight, b, weights, ids = make_inputs(3, 20, 40, 4, 2, routing=routing)  # partial tiles
+    grad_r = torch.randn_like(x)
+    recompute = lambda *a: switch_modulation_triton(*a, recompute=True)
+    for a, c in zip(forward_and_grads(recompute, x, weight, b, weights, ids, grad_r),
+                    forward_and_grads(switch_modulation_triton, x, weight, b, weights, ids, grad_r)):
+        assert torch.equal(a, c)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight)]
+    kept = switch_modulation_triton(leaves[0], leaves[1], b, weights, ids)
+    lean = switch_modulation(leaves[0], leaves[1], b, weights, ids, backend="triton", recompute=True)
+    assert kept.grad_fn.y is not None and lean.grad_fn.y is None
+
+
 @pytest.mark.parametrize("which", ["x_only", "params_only"])
 def test_partial_requires_grad(which):
     # Only x needs a gradient (no dW kernel), or only the parameters (u formed without dx).
@@ -312,6 +328,25 @@ def test_gpu_odd_sizes_bf16():
     # N=197 (ViT-style token count, not a tile multiple), odd D=200, E=8 with unused experts.
     x, weight, b, weights, ids = make_inputs(6, 197, 200, 8, 2, dtype=torch.bfloat16, device="cuda")
     check_against_reference(x, weight, b, weights, ids, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_recompute_holds_one_activation_less():
+    # What the autograd graph holds after the forward: y ([B, N, D] bf16) less with recompute.
+    x, weight, b, weights, ids = make_inputs(8, 256, 384, 3, 2, dtype=torch.bfloat16, device="cuda")
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+
+    def held(recompute):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        r = switch_modulation_triton(x, weight, b, weights, ids, recompute=recompute)
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - base, r
+
+    (kept, r1), (lean, r2) = held(False), held(True)
+    assert kept - lean == x.numel() * x.element_size()
+    assert torch.equal(r1, r2)
 
 
 @pytest.mark.gpu
