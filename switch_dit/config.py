@@ -41,6 +41,7 @@ class TrainConfig:
     num_experts: Optional[int] = None    # Switch-DiT only; None: the model's default
     k: Optional[int] = None
     backend: str = "auto"                # kernel backend of the Switch-DiT SMoE layers
+    moe_recompute: bool = False          # SMoE layers recompute their expert output in backward
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     # data
@@ -162,4 +163,4 @@ def default_results_dir(cfg: TrainConfig) -> str:
 # is written, how far it goes, or how the same maths is executed).
 RESUMABLE_OVERRIDES = frozenset({"max_steps", "results_dir", "log_every", "ckpt_every",
                                  "keep_checkpoints", "num_workers", "num_threads", "backend",
-                                 "compile"})
+                                 "moe_recompute", "compile"})

@@ -57,6 +57,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             kw[name] = getattr(cfg, name)
     if is_switch_model(cfg.model):
         kw["backend"] = cfg.backend
+        kw["moe_recompute"] = cfg.moe_recompute
         if cfg.num_experts is not None:
             kw["num_experts"] = cfg.num_experts
         if cfg.k is not None:
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=_HELP.get(flag, f"overrides the preset's {field_name}"))
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model")
+    p.add_argument("--moe-recompute", dest="moe_recompute", action="store_true", default=None,
+                   help="Switch-DiT: recompute the SMoE expert output in the backward instead of "
+                        "keeping it (less activation memory, one more D x D GEMM per block)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -407,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """(config, resume path) from the parsed flags: preset + overrides, or the checkpoint's config."""
-    overrides = {f: getattr(args, f) for f, _ in list(_FLAGS.values()) + [("compile", bool)]
+    overrides = {f: getattr(args, f) for f, _ in
+                 list(_FLAGS.values()) + [("compile", bool), ("moe_recompute", bool)]
                  if getattr(args, f) is not None}
     cfg = get_preset(args.preset)
     results_dir = overrides.get("results_dir") or default_results_dir(

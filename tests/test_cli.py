@@ -49,6 +49,11 @@ def test_train_resolves_presets_and_overrides():
     assert (cfg.model, cfg.lr, cfg.ema_decay, cfg.global_batch_size, cfg.seed) == \
         ("DiT-XL/2", 1e-4, 0.9999, 256, 3)  # the paper's settings
     assert cfg.in_channels == 4 and cfg.image_size == 32
+    assert not cfg.moe_recompute
+    cfg, _ = resolve_config(p.parse_args(["--moe-recompute"]), p)
+    assert cfg.moe_recompute
+    from switch_dit.train import build_model
+    assert all(b.moe.recompute for b in build_model(cfg).blocks)
 
 
 def test_resume_refuses_changes_that_alter_the_run(tmp_path, capsys):
@@ -63,8 +68,10 @@ def test_resume_refuses_changes_that_alter_the_run(tmp_path, capsys):
     _fails(main, ["--results-dir", str(tmp_path / "run")], capsys, "already holds a training run",
            "--resume auto")
     p = build_parser()
-    cfg, resume = resolve_config(p.parse_args(["--resume", ck, "--max-steps", "5"]), p)
+    cfg, resume = resolve_config(p.parse_args(["--resume", ck, "--max-steps", "5",
+                                               "--moe-recompute"]), p)
     assert resume == ck and cfg.max_steps == 5 and cfg.image_size == 8  # the checkpoint's config
+    assert cfg.moe_recompute  # how the same maths runs may change on resume
     assert cfg.results_dir == str(tmp_path / "run")
 
 

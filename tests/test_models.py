@@ -222,6 +222,16 @@ def test_auxiliary_loss_gradients_reach_only_gate_and_timestep_embedder():
         assert tiny(name).auxiliary_loss(t) is None
 
 
+def test_moe_recompute_reaches_every_layer_and_changes_nothing_computed():
+    torch.manual_seed(8)
+    lean = randomize_(tiny(moe_recompute=True))
+    kept = tiny()
+    kept.load_state_dict(lean.state_dict())
+    assert all(b.moe.recompute for b in lean.blocks) and not any(b.moe.recompute for b in kept.blocks)
+    x, t, y = inputs()
+    torch.testing.assert_close(lean(x, t, y), kept(x, t, y), rtol=0, atol=0)
+
+
 def test_deepcopy_after_training_forward():
     model = tiny()
     x, t, y = inputs()

@@ -18,8 +18,8 @@ FAMILIES = {"DiT": DiT, "SwitchDiT": SwitchDiT, "DTR": DTR}
 # Options of one family that the others accept and ignore, so a command line can pass one set.
 _FAMILY_OPTIONS = {
     "DiT": set(),
-    "SwitchDiT": {"num_experts", "k", "backend", "num_timesteps", "prior_loss_weight",
-                  "prior_alpha"},
+    "SwitchDiT": {"num_experts", "k", "backend", "moe_recompute", "num_timesteps",
+                  "prior_loss_weight", "prior_alpha"},
     "DTR": {"num_timesteps", "dtr_alpha", "dtr_beta"},
 }
 _DIT_OPTIONS = {"input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob",
@@ -50,9 +50,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Keyword arguments: input_size (32), in_channels (4), num_classes (1000), learn_sigma (True),
     class_dropout_prob (0.1); overrides depth, hidden_size, num_heads, mlp_ratio (4.0) for small
-    variants; Switch-DiT: num_experts (3), k (2), backend ("auto"), num_timesteps (1000),
-    prior_loss_weight (1.0), prior_alpha (4.0); DTR: num_timesteps (1000), dtr_alpha (4.0),
-    dtr_beta (0.8). A value of None keeps the default; options of another family are ignored.
+    variants; Switch-DiT: num_experts (3), k (2), backend ("auto"), moe_recompute (False),
+    num_timesteps (1000), prior_loss_weight (1.0), prior_alpha (4.0); DTR: num_timesteps (1000),
+    dtr_alpha (4.0), dtr_beta (0.8). A value of None keeps the default; options of another family are ignored.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")

@@ -67,9 +67,9 @@ class SwitchDiTBlock(DiTBlock):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, num_experts: int,
-                 k: int, backend: str):
+                 k: int, backend: str, recompute: bool = False):
         super().__init__(hidden_size, num_heads, mlp_ratio)
-        self.moe = TimestepMoE(hidden_size, num_experts, k, backend=backend)
+        self.moe = TimestepMoE(hidden_size, num_experts, k, backend=backend, recompute=recompute)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor,
                 routing: Optional[TimestepRouting] = None) -> torch.Tensor:
@@ -88,13 +88,15 @@ class SwitchDiT(DiT):
         prior_loss_weight: lambda of the diffusion prior loss (default 1.0; 0 disables it).
         prior_alpha: exponent of the prior's sliding window (default 4.0).
         backend: `TimestepMoE` backend ("auto", "torch", "triton", "cuda", "grouped_mm").
+        moe_recompute: the SMoE layers recompute their expert output in the backward instead of
+            keeping it (`TimestepMoE`'s recompute: less activation memory, one more GEMM a block).
     """
 
     integer_timesteps = True
 
     def __init__(self, *, num_experts: int = 3, k: int = 2, num_timesteps: int = 1000,
                  prior_loss_weight: float = 1.0, prior_alpha: float = 4.0, backend: str = "auto",
-                 **dit_kwargs: Any):
+                 moe_recompute: bool = False, **dit_kwargs: Any):
         for name, value in (("num_experts", num_experts), ("k", k),
                             ("num_timesteps", num_timesteps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -104,6 +106,7 @@ class SwitchDiT(DiT):
         if prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {prior_loss_weight!r}")
         self.num_experts, self.k, self.backend = num_experts, k, backend
+        self.moe_recompute = bool(moe_recompute)
         self.num_timesteps, self.prior_loss_weight = num_timesteps, float(prior_loss_weight)
         super().__init__(**dit_kwargs)
         self._scratch = _Scratch()
@@ -118,7 +121,7 @@ class SwitchDiT(DiT):
 
     def _make_block(self, index: int) -> nn.Module:
         return SwitchDiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.num_experts,
-                              self.k, self.backend)
+                              self.k, self.backend, self.moe_recompute)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
