@@ -20,6 +20,8 @@
 #                    mark: the csrc extension on CUDA tensors, kernel compiles for sm_90 with this
 #                    machine's triton, validation, modules ($GPU_TEST_FILES overrides the list;
 #                    the other files test on CPU tensors through the interpreter, CI's job)
+#   saved_act        python -m benchmarks.saved_activations (activation bytes per token; the CPU
+#                    count is in the repository, this checks it with CUDA's attention kernels)
 #   summary          markdown tables of every JSON (python -m benchmarks.plot --tables --no-png)
 #
 # Knobs (environment): OUT, PY (python3), BUDGET_S (470), SKIP_SETUP=1, SKIP_TESTS=1,
@@ -30,9 +32,9 @@
 # SWITCH_DIT_BUILD_CUDA / SWITCH_DIT_CUDA_ARCHS (see setup.py); DEVICE=cpu QUICK=1 run the same
 # stages on tiny shapes on the CPU (to try the script itself without a GPU).
 #
-# Output: at most 7 files, flat under $OUT (the device runner brings back at most 8): summary.md,
+# Output: at most 8 files, flat under $OUT (the device runner brings back at most 8): summary.md,
 # gpu_check.log (every stage's output), env.json, moe_layer_switch.json, moe_layer_ffn.json,
-# train_step.json, permute_bandwidth.json. The stage table is printed last.
+# train_step.json, permute_bandwidth.json, saved_activations.json. The stage table is printed last.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
@@ -144,6 +146,9 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
       -p no:randomly ${XDIST[@]+"${XDIST[@]}"}
   fi
 fi
+
+stage saved_act 30 "$PY" -m benchmarks.saved_activations --device "$DEVICE" \
+  --json "$OUT/saved_activations.json"
 
 # ---- summary ---------------------------------------------------------------------------------
 {

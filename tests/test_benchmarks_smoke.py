@@ -172,3 +172,20 @@ def test_train_step_quick_rows(tmp_path):
     assert row["ratio_to_dit"] is None  # no DiT row to compare with
     if row["error"] is None:  # a model still being written shows up as an error row instead
         assert row["ms"] > 0 and row["images_per_s"] == pytest.approx(2 / (row["ms"] * 1e-3))
+
+
+def test_saved_activations_counts_the_expert_output_exactly(tmp_path):
+    # Tiny model (depth 1, D = 32, 16 tokens); the recompute variant keeps exactly one bf16 y
+    # ([B, N, D], 2 bytes per token and channel) less than the default fused layer.
+    from benchmarks import saved_activations
+    path = tmp_path / "saved.json"
+    rows = saved_activations.main(["--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+                                   "--input-size", "8", "--batches", "1,3", "--device", "cpu",
+                                   "--json", str(path)])
+    by = {r["variant"]: r for r in rows}
+    assert all(r["error"] is None for r in rows), rows
+    assert by["DiT"]["ratio_to_dit"] == 1.0
+    fused, lean = by["SwitchDiT[triton]"], by["SwitchDiT[triton,recompute]"]
+    assert fused["bytes_per_token_channel"] - lean["bytes_per_token_channel"] == pytest.approx(2.0)
+    assert by["DiT"]["bytes_per_token_channel"] < lean["bytes_per_token_channel"]
+    assert json.loads(path.read_text())["benchmark"] == "saved_activations"
