@@ -261,17 +261,18 @@ def train_tables(rows: List[dict]) -> str:
     r0 = rows[0]
     out = [f"\n**train step** ({r0.get('device')}, torch {r0.get('torch')}, triton {r0.get('triton')}, "
            f"{r0.get('date')}; source: `{r0.get('source')}`)\n",
-           "| model | batch | variant | step ms | images/s | peak GiB | ratio to DiT |",
-           "|---|---|---|---|---|---|---|"]
+           "| model | batch | variant | step ms | images/s | peak GiB | time x DiT | memory x DiT |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not _ok(r):
             if not str(r.get("error", "")).startswith("skipped"):
                 error = str(r.get("error"))[:80]
-                out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | error: {error} | | | |")
+                out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | error: {error} | | | | |")
             continue
         out.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | "
                    f"{_cell(r.get('images_per_s'), '.0f')} | {_cell(r.get('peak_gib'), '.1f')} | "
-                   f"{_cell(r.get('ratio_to_dit'), '.2f')} |")
+                   f"{_cell(r.get('ratio_to_dit'), '.2f')} | "
+                   f"{_cell(r.get('peak_ratio_to_dit'), '.2f')} |")
     return "\n".join(out)
 
 

@@ -18,14 +18,17 @@ Variants per model size:
   SwitchDiT[triton]       Switch-DiT, SMoE layers on the fused Triton `switch_modulation`
   ...+prior               "everything the official step does": also the diffusion prior loss
                           (`model.auxiliary_loss(t)`; its bipartite matching is solved on the host
-                          from a copy queued at the start of the forward). The
-                          gate of every block on all 1,000 timesteps is part of every Switch-DiT
-                          forward of this code base (one batched GEMM), so it is in all variants.
+                          from a copy queued at the start of the forward). The gate of every block
+                          on all 1,000 timesteps is part of every Switch-DiT forward of this code
+                          base (one batched GEMM), so it is in all variants.
+  SwitchDiT[triton,recompute]+prior   moe_recompute=True: the SMoE layers keep no expert output for
+                          the backward and recompute it (memory for one more GEMM a block)
 
 Numbers per row: ms = median wall-clock step time (synchronised, time.perf_counter) over the timed
 steps after the warm-up steps (p20_ms/p80_ms the 20th/80th percentiles); images_per_s = batch / step
 time; peak_gib = torch.cuda.max_memory_allocated over the timed steps (weights, gradients, AdamW
-state and activations); ratio_to_dit = ms / the DiT step of the same size and batch. A variant that
+state and activations); ratio_to_dit = ms / the DiT step of the same size and batch,
+peak_ratio_to_dit = peak_gib / DiT's. A variant that
 fails (model missing, out of memory, kernel error) gives a row with "error"; the run goes on.
 """
 from __future__ import annotations
@@ -49,14 +52,18 @@ VARIANTS = [
     ("SwitchDiT[torch]", "SwitchDiT", "torch", False),
     ("SwitchDiT[triton]+prior", "SwitchDiT", "triton", True),
     ("SwitchDiT[torch]+prior", "SwitchDiT", "torch", True),
+    ("SwitchDiT[triton,recompute]+prior", "SwitchDiT", "triton", True),
 ]
+# Model options of a variant beyond its family and backend.
+VARIANT_OPTIONS = {"SwitchDiT[triton,recompute]+prior": {"moe_recompute": True}}
 
 
 def _row(env: dict, model: str, batch: int, variant: str, backend: Optional[str], prior: bool,
          precision: str, **fields) -> dict:
     row = {"benchmark": "train_step", "model": model, "batch": batch, "variant": variant,
            "backend": backend, "prior_loss": prior, "precision": precision, "ms": None, "p20_ms": None, "p80_ms": None,
-           "images_per_s": None, "peak_gib": None, "ratio_to_dit": None, "steps": None,
+           "images_per_s": None, "peak_gib": None, "ratio_to_dit": None,
+           "peak_ratio_to_dit": None, "steps": None,
            "error": None, "device": env["device"], "torch": env["torch"], "triton": env["triton"]}
     row.update(fields)
     return row
@@ -72,9 +79,10 @@ def _skip_reason(backend: Optional[str], device: torch.device) -> Optional[str]:
     return None
 
 
-def _build(family: str, size: str, backend: Optional[str], device: torch.device, input_size: int):
+def _build(family: str, size: str, backend: Optional[str], device: torch.device, input_size: int,
+           options: Optional[dict] = None):
     from switch_dit.models import create_model
-    kwargs = dict(input_size=input_size, in_channels=4, num_classes=1000)
+    kwargs = dict(input_size=input_size, in_channels=4, num_classes=1000, **(options or {}))
     if backend is not None:
         kwargs["backend"] = backend
     torch.manual_seed(0)
@@ -88,10 +96,10 @@ def _build(family: str, size: str, backend: Optional[str], device: torch.device,
 
 def measure_step(family: str, size: str, batch: int, backend: Optional[str], prior: bool,
                  device: torch.device, *, amp_dtype: Optional[torch.dtype], warmup: int, steps: int,
-                 input_size: int) -> dict:
+                 input_size: int, options: Optional[dict] = None) -> dict:
     """Build model, diffusion and optimiser; run warmup + steps training steps; return the numbers."""
     from switch_dit.diffusion import create_diffusion
-    model = _build(family, size, backend, device, input_size)
+    model = _build(family, size, backend, device, input_size, options)
     model.train()
     diffusion = create_diffusion(timestep_respacing="")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -138,7 +146,8 @@ def measure_step(family: str, size: str, batch: int, backend: Optional[str], pri
 TABLE_COLUMNS = [("model", "model", ""), ("batch", "batch", ""), ("variant", "variant", ""),
                  ("ms", "ms", ".1f"), ("p20", "p20_ms", ".1f"), ("p80", "p80_ms", ".1f"),
                  ("img/s", "images_per_s", ".0f"), ("peak GiB", "peak_gib", ".1f"),
-                 ("x DiT", "ratio_to_dit", ".2f"), ("error", "error", "")]
+                 ("x DiT", "ratio_to_dit", ".2f"), ("mem x DiT", "peak_ratio_to_dit", ".2f"),
+                 ("error", "error", "")]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
@@ -204,7 +213,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
             common.write_json(args.json, "train_step", env, rows, config)
 
     for size, batch in models:
-        dit_ms = None
+        dit_ms = dit_peak = None
         for variant, family, backend, prior in variants:
             meta = dict(model=size, batch=batch, variant=variant, backend=backend, prior=prior,
                         precision=precision)
@@ -216,10 +225,13 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
                 continue
             try:
                 result = measure_step(family, size, batch, backend, prior, device, amp_dtype=amp_dtype,
-                                      warmup=warmup, steps=steps, input_size=input_size)
+                                      warmup=warmup, steps=steps, input_size=input_size,
+                                      options=VARIANT_OPTIONS.get(variant))
                 if variant == "DiT":
-                    dit_ms = result["ms"]
+                    dit_ms, dit_peak = result["ms"], result["peak_gib"]
                 result["ratio_to_dit"] = result["ms"] / dit_ms if dit_ms else None
+                result["peak_ratio_to_dit"] = (result["peak_gib"] / dit_peak
+                                               if dit_peak and result["peak_gib"] else None)
                 emit(_row(env, **meta, **result))
             except Exception as exc:  # noqa: BLE001 - record, go on with the next variant
                 emit(_row(env, **meta, error=common.format_error(exc)))
