@@ -271,6 +271,17 @@ def write_json(path: str, benchmark: str, env: dict, rows: List[dict], config: O
     os.replace(tmp, path)
 
 
+def report(rows: List[dict], columns: Sequence[Tuple[str, str, str]], json_path: Optional[str],
+           benchmark: str, env: dict, config: Optional[dict] = None) -> List[dict]:
+    """A benchmark's ending: the table of all rows on stdout, the JSON file (when asked), the rows."""
+    print()
+    print(format_table(rows, columns), flush=True)
+    if json_path:
+        write_json(json_path, benchmark, env, rows, config)
+        print(f"\nwrote {len(rows)} rows to {json_path}")
+    return rows
+
+
 def read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)

@@ -494,12 +494,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
     for case in cases:
         run_case(case, impls_for(case.suite), modes, device, dtype, env, quick=args.quick,
                  check=not args.no_check, deadline=deadline, emit=emit)
-    print()
-    print(common.format_table(rows, TABLE_COLUMNS), flush=True)
-    if args.json:
-        common.write_json(args.json, "moe_layer", env, rows, config)
-        print(f"\nwrote {len(rows)} rows to {args.json}")
-    return rows
+    return common.report(rows, TABLE_COLUMNS, args.json, "moe_layer", env, config)
 
 
 if __name__ == "__main__":

@@ -120,11 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         rows.append(row)
     print(f"# saved activations on {env['device']} | torch {env['torch']} | {env['date']} | "
           f"bf16 autocast, D={args.hidden_size}, depth {args.depth}, batches {batches}")
-    print(common.format_table(rows, TABLE_COLUMNS), flush=True)
-    if args.json:
-        common.write_json(args.json, "saved_activations", env, rows, config)
-        print(f"\nwrote {len(rows)} rows to {args.json}")
-    return rows
+    return common.report(rows, TABLE_COLUMNS, args.json, "saved_activations", env, config)
 
 
 if __name__ == "__main__":

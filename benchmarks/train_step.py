@@ -238,12 +238,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
             except Exception as exc:  # noqa: BLE001 - record, go on with the next variant
                 emit(_row(env, **meta, error=common.format_error(exc)))
             common.free_memory(device)
-    print()
-    print(common.format_table(rows, TABLE_COLUMNS), flush=True)
-    if args.json:
-        common.write_json(args.json, "train_step", env, rows, config)
-        print(f"\nwrote {len(rows)} rows to {args.json}")
-    return rows
+    return common.report(rows, TABLE_COLUMNS, args.json, "train_step", env, config)
 
 
 if __name__ == "__main__":
