@@ -121,10 +121,10 @@ class DiTBlock(nn.Module):
     ``forward(x, c)`` is DiT's block. ``forward_routed(x, r, c)`` runs the same block on a routed
     input r = x * m (Switch-DiT's SMoE output, DTR's channel mask) and keeps x as the skip:
 
-        h = r + g_msa * attn(adaLN(r));  h = h + g_mlp * mlp(adaLN(h));  out = h + (x - r)
+        a = g_msa * attn(adaLN(r));  h = r + a;  f = g_mlp * mlp(adaLN(h));  out = x + a + f
 
     i.e. out = x + (the block's two residual updates computed from r). This equals the official
-    Switch-DiT/DTR form ``h + (1 - m) * x``; with m == 1 it is DiT's block exactly (x - r == 0).
+    Switch-DiT/DTR form ``(h + f) + (1 - m) * x``; with m == 1 (r == x) it is DiT's block exactly.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -135,16 +135,24 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _updates(self, r: torch.Tensor, c: torch.Tensor):
+        """(a, h, f): the attention update a of r, h = r + a, and the MLP update f of h."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
             self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        a = gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(r), shift_msa, scale_msa))
+        h = r + a
+        return a, h, gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        _, h, f = self._updates(x, c)
+        return h + f
 
     def forward_routed(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # r may come back in the autocast dtype; keep the residual stream in x's dtype.
-        r = r.to(x.dtype)
-        return self.forward(r, c) + (x - r)
+        a, _, f = self._updates(r.to(x.dtype), c)
+        # (x + a) + f: one [B, N, D] pass fewer than (h + f) + (x - r), and with r == x the very
+        # additions of `forward` (Switch-DiT at initialisation is DiT to the bit).
+        return (x + a) + f
 
 
 class FinalLayer(nn.Module):
