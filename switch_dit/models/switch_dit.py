@@ -172,8 +172,11 @@ class SwitchDiT(DiT):
         scratch = self._scratch
         scratch.last_probs = tables.probs
         # A training forward is followed by `auxiliary_loss`: queue its matching's device work and
-        # host copy now, at the start of the forward, so the prior loss waits for nothing.
-        training_with_prior = torch.is_grad_enabled() and self.prior_loss_weight > 0
+        # host copy now, at the start of the forward, so the prior loss waits for nothing. Not
+        # inside torch.compile (pinned buffers and CUDA events are eager work): auxiliary_loss,
+        # which runs eagerly, then starts the matching itself.
+        training_with_prior = (torch.is_grad_enabled() and self.prior_loss_weight > 0
+                               and not torch.compiler.is_compiling())
         scratch.pending_match = (PendingPriorMatch(tables.probs, self.prior_mask, self.k)
                                  if training_with_prior else None)
         return tables.t_emb[t], tables
