@@ -114,11 +114,11 @@ class PendingPriorMatch:
     memory on the current stream, and records an event after the copy; `result` waits for that
     event only, not for the whole stream. Started right after the gate table is computed (the
     start of a Switch-DiT forward), the [DE, DE] copy is done long before the prior loss asks for
-    it, and the host's linear_sum_assignment runs while the device works through the forward already
-    queued (on a 2-core CPU host: 0.15 ms for DE = 36 at S/2 with E = 3, 0.8 ms for DE = 84 at XL/2,
-    12 ms for DE = 224 at XL/2 with E = 8). Waiting on the whole stream
-    instead (``.cpu()``) would idle the device for the solve and the relaunch of the backward.
-    On a CPU device the cost is simply kept.
+    it, and the host's linear_sum_assignment runs while the device works through the forward
+    already queued (on a 2-core CPU host: 0.15 ms for DE = 36 at S/2 with E = 3, 0.8 ms for DE = 84
+    at XL/2, 12 ms for DE = 224 at XL/2 with E = 8). Waiting on the whole stream instead
+    (``.cpu()``) would idle the device for the solve and the relaunch of the backward. On a CPU
+    device the cost is simply kept.
     """
 
     def __init__(self, gate_table: torch.Tensor, prior: torch.Tensor, k: int):
