@@ -109,6 +109,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # Triton's default; ignored for 16-bit operands
 
 
+def unit_tile_grid(num_units: int, rows_per_unit: int, dim: int):
+    """Launch grid of the kernels that start with `unit_row_tile`: one program per (M tile, N tile),
+    M tiles counted per unit so that no tile straddles two units."""
+    def grid(meta):
+        tiles_m = num_units * triton.cdiv(rows_per_unit, meta["BLOCK_M"])
+        return (tiles_m * triton.cdiv(dim, meta["BLOCK_N"]),)
+    return grid
+
+
 @triton.jit
 def unit_row_tile(N_u, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's (M tile, N tile) of the [units * N_u, D] rows, tiles never straddling units.
@@ -269,12 +278,7 @@ def launch_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     num_units, k = ids.shape
     dim = x.shape[-1]
-
-    def grid(meta):
-        tiles_m = num_units * triton.cdiv(rows_per_unit, meta["BLOCK_M"])
-        return (tiles_m * triton.cdiv(dim, meta["BLOCK_N"]),)
-
-    _switch_modulation_fwd_kernel[grid](
+    _switch_modulation_fwd_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
         x, weight, bias if bias is not None else x, g, ids, r, y if y is not None else r,
         rows_per_unit, dim,
         K_EXP=1 if premerged else k, HAS_BIAS=bias is not None, PREMERGED=premerged,

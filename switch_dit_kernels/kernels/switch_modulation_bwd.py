@@ -51,7 +51,7 @@ from ..backend import triton_interpreting
 from .tuning import autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
-    prune_fwd_configs, unit_row_tile,
+    prune_fwd_configs, unit_row_tile, unit_tile_grid,
 )
 
 
@@ -107,12 +107,7 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
     """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D])."""
     num_units, k = ids.shape
     dim = x.shape[-1]
-
-    def grid(meta):
-        tiles_m = num_units * triton.cdiv(rows_per_unit, meta["BLOCK_M"])
-        return (tiles_m * triton.cdiv(dim, meta["BLOCK_N"]),)
-
-    _switch_modulation_dx_kernel[grid](
+    _switch_modulation_dx_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
         dr, x, weight, g, ids, y, dx, rows_per_unit, dim,
         K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u,
         DOT_PRECISION=dot_precision(x.dtype))
