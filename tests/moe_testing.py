@@ -81,3 +81,15 @@ def check_against_reference(fast_fn, ref_fn, floats: dict, ints: dict, dtype) ->
         want_dtype = floats[name].dtype if keeps_own else dtype
         assert g[name].dtype == want_dtype, f"d{name} has dtype {g[name].dtype}"
         assert_matches_reference(f"d{name}", g[name], g64[name], g_ref[name], dtype)
+
+
+def run_twice_second_without_host_sync(fn):
+    """fn() once (compiling and autotuning synchronise), then again with any synchronising CUDA
+    call raising; returns the second result."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
