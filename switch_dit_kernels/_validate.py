@@ -123,3 +123,23 @@ def check_switch_modulation(x, weight, bias, topk_weights, topk_ids) -> None:
         raise ValueError(f"topk_ids must have one row per sample (B={x.shape[0]}) or a single row "
                          f"shared by all samples, got {topk_ids.shape[0]} rows")
     check_same_device(x=x, weight=weight, bias=bias, topk_weights=topk_weights, topk_ids=topk_ids)
+
+
+def check_topk_ids_values(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Refuse expert ids outside [0, num_experts): the one check here that reads tensor values.
+
+    CPU tensors: a ValueError naming ``topk_ids`` (reading a CPU tensor costs no device sync).
+    CUDA tensors: ``torch._assert_async`` -- no host synchronisation; a bad id fails the stream
+    with a device-side assert (which ends the CUDA context) instead of letting a kernel read out
+    of bounds. Called by the public functions and ops before any kernel launch.
+    """
+    if topk_ids.numel() == 0:
+        return
+    in_range = ((topk_ids >= 0) & (topk_ids < num_experts)).all()
+    if topk_ids.device.type == "cpu":
+        if not bool(in_range):
+            bad = topk_ids[(topk_ids < 0) | (topk_ids >= num_experts)]
+            raise ValueError(f"topk_ids must hold expert ids in [0, num_experts={num_experts}), "
+                             f"got {bad[:4].tolist()}{' ...' if bad.numel() > 4 else ''}")
+        return
+    torch._assert_async(in_range, f"topk_ids must hold expert ids in [0, {num_experts})")
