@@ -5,13 +5,15 @@ weights_only=True): model, ema, opt, scaler, loss_weighting, step, rng (one entr
 and "integrity": the sha256 of every tensor's bytes and every value, in key order. torch.load
 notices a truncated file (no zip central directory) but not flipped bytes inside a tensor record,
 hence the digest. Writes go to a temp file in the target directory, are fsync'd, then os.replace'd
-over the target: a crash or a full disk leaves the previous file untouched.
+over the target: a crash or a full disk leaves the previous file untouched, and the temp file a
+kill -9 leaves behind is removed by `remove_stale_temp_files` when the next run starts.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
@@ -123,6 +125,30 @@ def load_checkpoint(path: str, map_location: Any = "cpu", verify: bool = True,
             raise CheckpointError(f"checkpoint {path!r} is corrupt: its contents do not match the "
                                   "sha256 digest written with it")
     return state
+
+
+# The temp files of atomic_torch_save (".ckpt_0000500.pt.<random>.tmp") and of the latest.pt
+# link (".latest.pt.<pid>.link"): only ever partial copies, never the sole copy of anything.
+_TEMP_FILE = re.compile(r"^\.(ckpt_\d+\.pt|latest\.pt)\..+\.(tmp|link)$")
+
+
+def remove_stale_temp_files(directory: str) -> List[str]:
+    """Delete checkpoint temp files a killed writer left in `directory`; returns their paths.
+
+    Call it only when no other process writes checkpoints there (the start of a run, on rank 0).
+    """
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMP_FILE.match(name) and os.path.isfile(path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def list_step_checkpoints(directory: str) -> List[str]:

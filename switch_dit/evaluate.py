@@ -27,6 +27,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import cli
+
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) in float64.
@@ -165,10 +167,13 @@ def write_png_folder(images_uint8: np.ndarray, out_dir: str) -> str:
 def evaluate_checkpoint(checkpoint: str, num_samples: int = 500, num_sampling_steps: Optional[int] = None,
                         cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
                         seed: int = 0, use_ema: bool = True, device: str = "auto",
-                        backend: Optional[str] = None, batch_size: int = 250) -> Dict[str, float]:
-    """Sample `num_samples` class-balanced digits from a checkpoint and score them."""
+                        backend: Optional[str] = None, batch_size: int = 250,
+                        progress: bool = False) -> Dict[str, float]:
+    """Sample `num_samples` class-balanced digits from a checkpoint (a file or a results folder)
+    and score them; progress: a tqdm bar on stderr over the sampling steps."""
     from .sample import generate, load_for_sampling
 
+    checkpoint = cli.checkpoint_path(checkpoint)
     ld = load_for_sampling(checkpoint, use_ema=use_ema, device=device, backend=backend)
     cfg = ld.config
     if cfg.data != "digits":
@@ -180,7 +185,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int = 500, num_sampling_st
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     smp = sampler or cfg.sampler
     x = generate(ld, labels, num_sampling_steps=steps, cfg_scale=scale, sampler=smp, seed=seed,
-                 batch_size=batch_size)
+                 batch_size=batch_size, progress=progress)
     res = digits_evaluator(cfg.image_size).evaluate(x.numpy(), labels)
     res.update({"checkpoint": checkpoint, "step": ld.step, "sampler": smp,
                 "num_sampling_steps": steps, "cfg_scale": scale, "ema": use_ema, "seed": seed})
@@ -188,36 +193,76 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int = 500, num_sampling_st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="switch-dit-evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="switch-dit-evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=cli.HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="sample from this checkpoint, then score (digits models)")
+    src.add_argument("--checkpoint", help="a checkpoint file or a results folder: sample from it, "
+                                           "then score (digits models)")
     src.add_argument("--npz", help="score samples saved by `switch_dit.sample --npz`")
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--num-sampling-steps", type=int, default=None, help="default: the preset's")
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the preset's")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=cli.int_in_range(2), default=500,
+                   help="with --checkpoint: how many samples (>= 2)")
+    p.add_argument("--num-sampling-steps", type=cli.positive_int, default=None,
+                   help=cli.run_default("sample_steps"))
+    p.add_argument("--cfg-scale", type=cli.cfg_scale_float, default=None,
+                   help="classifier-free guidance, >= 1 (1 = off); "
+                        + cli.run_default("cfg_scale"))
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                   help=cli.run_default("sampler"))
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="sampling seed")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
+                   help="SMoE kernels; default: the run's")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available")
     p.add_argument("--real-dir", help="with --npz: real images folder for FID (user data)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception weights file (no download)")
     p.add_argument("--out", help="also write the metrics JSON here")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is also off when stderr is not a terminal)")
     return p
 
 
+def _check_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The checkpoint path of --checkpoint, after the usage checks that need its config (a lazy
+    peek: the full load and digest check happen in evaluate_checkpoint)."""
+    from . import checkpoint as ckpt
+
+    path = cli.checkpoint_path(args.checkpoint)
+    try:
+        config = ckpt.load_checkpoint(path, verify=False, mmap=True)["config"]
+    except ckpt.CheckpointError as e:
+        parser.error(str(e))
+    if config.get("data") != "digits":
+        parser.error(f"--checkpoint {args.checkpoint}: the model was trained on "
+                     f"{config.get('data')!r}; digits metrics need a digits model (for other data "
+                     "write samples with `switch_dit.sample --npz` and pass --npz ... --real-dir ...)")
+    steps = config.get("diffusion_steps", 1000)
+    if args.num_sampling_steps is not None and args.num_sampling_steps > steps:
+        parser.error(f"--num-sampling-steps {args.num_sampling_steps}: the model was trained with "
+                     f"{steps} diffusion steps; use at most that many")
+    return path
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_samples < 2:
-        build_parser().error("--num-samples must be >= 2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.check_output_file(parser, "--out", args.out)
+    cli.check_device(parser, args.device)
+    if args.real_dir and not os.path.isdir(args.real_dir):
+        parser.error(f"--real-dir {args.real_dir!r} is not a folder")
     if args.checkpoint:
-        res = evaluate_checkpoint(args.checkpoint, args.num_samples, args.num_sampling_steps,
+        cli.check_backend(parser, args.backend, args.device)
+        path = _check_checkpoint(parser, args)
+        res = evaluate_checkpoint(path, args.num_samples, args.num_sampling_steps,
                                   args.cfg_scale, args.sampler, args.seed, not args.no_ema,
-                                  args.device, args.backend)
+                                  args.device, args.backend, progress=cli.show_progress(args.quiet))
     else:
         if not os.path.isfile(args.npz):
             build_parser().error(f"--npz {args.npz!r} does not exist")
-        data = np.load(args.npz)
+        try:
+            data = np.load(args.npz)
+        except (OSError, ValueError) as e:
+            parser.error(f"--npz {args.npz!r} is not a readable .npz file ({e})")
         if "samples" not in data:
             build_parser().error(f"{args.npz!r} has no 'samples' array (write it with sample.py --npz)")
         samples = data["samples"]

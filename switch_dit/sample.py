@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from . import cli
 from .config import TrainConfig
 
 
@@ -68,6 +69,7 @@ def generate(ld: Loaded, labels: Sequence[int], num_sampling_steps: int = 50, cf
 
     Latent models are decoded with `vae` (an AutoencoderKL) when given, else returned as latents.
     Deterministic for a given seed: all noise comes from a private generator on the device.
+    progress: one tqdm bar on stderr over every denoising step of every batch.
     """
     from .train import build_diffusion
 
@@ -82,7 +84,14 @@ def generate(ld: Loaded, labels: Sequence[int], num_sampling_steps: int = 50, cf
     if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
         raise ValueError(f"labels must be in [0, {cfg.num_classes}), got {labels.min()}..{labels.max()}")
     diffusion = build_diffusion(cfg, timestep_respacing=str(num_sampling_steps))
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    loop = (diffusion.ddim_sample_loop_progressive if sampler == "ddim"
+            else diffusion.p_sample_loop_progressive)
+    from tqdm import tqdm
+
+    num_batches = -(-len(labels) // batch_size)
+    bar = tqdm(total=num_batches * num_sampling_steps, disable=not progress, unit="step",
+               desc=f"sampling {len(labels)} ({sampler}, {num_sampling_steps} steps)",
+               dynamic_ncols=True)
     gen = torch.Generator(device=dev).manual_seed(seed)
     amp = (torch.autocast(dev.type, dtype=ld.amp_dtype) if ld.amp_dtype is not None
            else contextlib.nullcontext())
@@ -100,8 +109,10 @@ def generate(ld: Loaded, labels: Sequence[int], num_sampling_steps: int = 50, cf
         with amp:
             # shared_timestep: the loops hand the model one timestep for the whole batch, so
             # Switch-DiT routes it with one routing row (one dense GEMM per SMoE layer).
-            x = loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs, device=dev,
-                     progress=progress, shared_timestep=True, generator=gen)
+            for step_out in loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs,
+                                 device=dev, progress=False, shared_timestep=True, generator=gen):
+                bar.update(1)
+            x = step_out["sample"]
         if cfg_scale > 1.0:
             x, _ = x.chunk(2)
         x = x.float()
@@ -111,6 +122,7 @@ def generate(ld: Loaded, labels: Sequence[int], num_sampling_steps: int = 50, cf
         else:
             x = x.clamp(-1, 1)
         out.append(x.cpu())
+    bar.close()
     return torch.cat(out) if out else torch.empty((0,) + shape)
 
 
@@ -134,22 +146,33 @@ def grid_labels(num_classes: int, per_class: int, max_classes: int = 16) -> np.n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="switch-dit-sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="switch-dit-sample", description=__doc__.split("\n")[0],
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a results folder")
     p.add_argument("--out", default=None, help="PNG grid path (a row per class)")
-    p.add_argument("--per-class", type=int, default=10, help="grid columns")
-    p.add_argument("--num-sampling-steps", type=int, default=None, help="default: the preset's")
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the preset's; 1 = off")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
-    p.add_argument("--num-samples", type=int, default=0, help="with --npz: how many samples")
+    p.add_argument("--per-class", type=cli.positive_int, default=10, help="grid columns")
+    p.add_argument("--num-sampling-steps", type=cli.positive_int, default=None,
+                   help=cli.run_default("sample_steps"))
+    p.add_argument("--cfg-scale", type=cli.cfg_scale_float, default=None,
+                   help="classifier-free guidance, >= 1 (1 = off); "
+                        + cli.run_default("cfg_scale"))
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                   help=cli.run_default("sampler"))
+    p.add_argument("--num-samples", type=cli.non_negative_int, default=0,
+                   help="with --npz: how many samples")
     p.add_argument("--npz", default=None, help="write uint8 samples + labels here (for FID tools)")
     p.add_argument("--expert-map", default=None, help="PNG heatmap of timestep -> expert gates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256,
+                   help="samples per forward pass (CFG doubles it)")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights, not the EMA")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
+                   help="SMoE kernels; default: the run's")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available")
     p.add_argument("--vae", default=None, help="AutoencoderKL folder (latent models)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is also off when stderr is not a terminal)")
     return p
 
 
@@ -160,15 +183,12 @@ def main(argv=None) -> int:
         parser.error("nothing to do: give --out, --npz and/or --expert-map")
     if args.npz and args.num_samples < 1:
         parser.error("--npz needs --num-samples N (N >= 1)")
-    if args.per_class < 1:
-        parser.error("--per-class must be >= 1")
-    for name in ("num_sampling_steps", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    path = args.checkpoint
-    if os.path.isdir(path):
-        path = os.path.join(path, ckpt.LATEST)
+    # Every output is checked before the (possibly hours-long) sampling starts.
+    for flag, value in (("--out", args.out), ("--npz", args.npz), ("--expert-map", args.expert_map)):
+        cli.check_output_file(parser, flag, value)
+    cli.check_device(parser, args.device)
+    cli.check_backend(parser, args.backend, args.device)
+    path = cli.checkpoint_path(args.checkpoint)
     try:
         ld = load_for_sampling(path, use_ema=not args.no_ema, device=args.device, backend=args.backend)
     except ckpt.CheckpointError as e:
@@ -177,6 +197,12 @@ def main(argv=None) -> int:
     steps = args.num_sampling_steps or cfg.sample_steps
     scale = cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale
     sampler = args.sampler or cfg.sampler
+    if steps > cfg.diffusion_steps:
+        parser.error(f"--num-sampling-steps {steps}: the model was trained with "
+                     f"{cfg.diffusion_steps} diffusion steps; use at most that many")
+    if args.expert_map and not hasattr(ld.model, "expert_routing_table"):
+        parser.error(f"--expert-map: {cfg.model} has no timestep routing (Switch-DiT only)")
+    progress = cli.show_progress(args.quiet)
     vae = None
     if cfg.data == "latents" and (args.out or args.npz):
         vae_path = args.vae or cfg.vae_path
@@ -190,19 +216,17 @@ def main(argv=None) -> int:
               "num_sampling_steps": steps, "cfg_scale": scale}
     if args.out:
         labels = grid_labels(cfg.num_classes, args.per_class)
-        x = generate(ld, labels, progress=False, **kw)
+        x = generate(ld, labels, progress=progress, **kw)
         from .plots import save_grid
         report["grid"] = save_grid(x, args.out, nrow=args.per_class)
     if args.npz:
         labels = np.arange(args.num_samples) % cfg.num_classes
-        x = generate(ld, labels, **kw)
+        x = generate(ld, labels, progress=progress, **kw)
         from .plots import to_uint8
         os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
         np.savez(args.npz, samples=to_uint8(x), labels=labels)
         report["npz"] = args.npz
     if args.expert_map:
-        if not hasattr(ld.model, "expert_routing_table"):
-            parser.error(f"--expert-map: {cfg.model} has no timestep routing (Switch-DiT only)")
         from .plots import plot_expert_map
         report["expert_map"] = plot_expert_map(ld.model.expert_routing_table(), args.expert_map,
                                                title=f"{cfg.model} step {ld.step}: gate probability")

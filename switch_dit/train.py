@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from . import cli
 from . import distributed as dist_util
 from .config import (PRESETS, RESUMABLE_OVERRIDES, TrainConfig, default_results_dir, get_preset)
 
@@ -261,6 +262,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
                          f"{info.world_size} processes")
     local_batch = cfg.global_batch_size // info.world_size
     dataset = build_dataset(cfg)
+    too_small = batch_size_problem(len(dataset), cfg.global_batch_size, info.world_size)
+    if too_small:  # checked before the results folder is made
+        raise ValueError(too_small)
     for name in ("in_channels", "num_classes"):
         have, want = getattr(dataset, name), getattr(cfg, name)
         if have != want:
@@ -298,6 +302,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
         random.seed(cfg.seed * info.world_size + info.rank)
     if info.is_main:
         os.makedirs(cfg.results_dir, exist_ok=True)
+        for path in ckpt.remove_stale_temp_files(cfg.results_dir):
+            print(f"[switch-dit] removed {path}, left by a checkpoint write that was interrupted",
+                  file=sys.stderr)
         with open(os.path.join(cfg.results_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         if resume:
@@ -372,40 +379,85 @@ _FLAGS = {
     "--diffusion-steps": ("diffusion_steps", int), "--vae": ("vae_path", str),
 }
 _CHOICES = {"--backend": ("auto", "triton", "torch"), "--data": ("digits", "folder", "latents"),
-            "--precision": ("auto", "fp32", "bf16", "fp16")}
+            "--precision": ("auto", "fp32", "bf16", "fp16"),
+            "--loss-weighting": ("constant", "min_snr", "uw"), "--noise-schedule": ("linear", "cosine")}
+# Parser types with a range (flags not listed: a finite float for float fields, else the plain type).
+_TYPES = {"--lr": cli.positive_float, "--weight-decay": cli.non_negative_float,
+          "--grad-clip": cli.non_negative_float,
+          "--ema-decay": cli.float_in_range(0.0, 1.0, high_inclusive=False),
+          "--seed": cli.seed_int, "--max-steps": cli.positive_int,
+          "--global-batch-size": cli.positive_int, "--image-size": cli.positive_int,
+          "--log-every": cli.positive_int, "--ckpt-every": cli.positive_int,
+          "--diffusion-steps": cli.positive_int, "--depth": cli.positive_int,
+          "--hidden-size": cli.positive_int, "--num-heads": cli.positive_int,
+          "--num-experts": cli.positive_int, "--k": cli.positive_int,
+          "--warmup-steps": cli.non_negative_int, "--keep-checkpoints": cli.non_negative_int,
+          "--num-workers": cli.non_negative_int, "--threads": cli.non_negative_int}
 _HELP = {
-    "--model": "e.g. SwitchDiT-S/2, DiT-S/2, DTR-S/2 (the preset's size overrides still apply)",
-    "--max-steps": "total optimiser steps (digits: 2000, a few CPU minutes)",
+    "--model": "{DiT,SwitchDiT,DTR}-{S,B,L,XL}/{2,4,8}, e.g. SwitchDiT-S/2, DiT-S/2 (the preset's "
+               "size overrides still apply)",
+    "--max-steps": "total optimiser steps (digits: a few CPU minutes)",
     "--results-dir": "default: results/<preset>-<model>",
     "--backend": "SMoE kernels: auto = triton on CUDA (or TRITON_INTERPRET=1), torch otherwise",
-    "--lr": "AdamW learning rate (paper: 1e-4; the digits preset uses 2e-3 because it runs only "
+    "--lr": "AdamW learning rate (paper: 1e-4; the digits preset uses more because it runs only "
             "2K steps: with 1e-4 its samples are still blobs after a few minutes)",
     "--data": "digits (bundled), folder (class per sub-folder) or latents (encode_latents output)",
     "--grad-clip": "max global gradient norm, 0 = off",
-    "--ema-decay": "paper 0.9999; digits 0.999 with warm-up",
+    "--ema-decay": "in [0, 1); paper 0.9999; digits uses warm-up",
     "--vae": "AutoencoderKL folder used to decode latent samples (sampling only)",
-    "--threads": "torch CPU threads (0 = torch's default; the digits preset uses 1)",
+    "--threads": "torch CPU threads (0 = torch's default)",
+    "--loss-weighting": "per-timestep loss weighting: constant, min_snr (Min-SNR-5) or uw "
+                        "(learned uncertainty weights, the official Switch-DiT recipe)",
 }
+
+
+def _preset_values(field_name: str) -> str:
+    """"[presets: digits: 2000; latent256-*: 400000]": what each preset sets `field_name` to."""
+    # None means "the model's own value" for the size knobs, "not set" for everything else.
+    unset = "the model's" if field_name in _MODEL_SIZE_FIELDS else "none"
+    values = {name: getattr(make(), field_name) for name, make in PRESETS.items()}
+    values = {n: unset if v is None else v for n, v in values.items()}
+    if len(set(map(repr, values.values()))) == 1:
+        return f"[every preset: {next(iter(values.values()))}]".replace("%", "%%")
+    latent = {n: v for n, v in values.items() if n.startswith("latent256-")}
+    parts = [f"{n}: {v}" for n, v in values.items() if n not in latent]
+    if latent and len(set(map(repr, latent.values()))) == 1:
+        parts.append(f"latent256-*: {next(iter(latent.values()))}")
+    else:
+        parts += [f"{n}: {v}" for n, v in latent.items()]
+    return f"[presets: {'; '.join(parts)}]".replace("%", "%%")
+
+
+_MODEL_SIZE_FIELDS = {"depth", "hidden_size", "num_heads", "mlp_ratio", "num_experts", "k"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switch-dit-train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
+    digits = get_preset("digits")
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS),
-                   help="digits: bundled 16x16 digits, a sized-down Switch-DiT-S/2 for CPUs; "
-                        "latent256-*: the paper's ImageNet-256 latent setting")
+                   help=f"digits: bundled {digits.image_size}x{digits.image_size} digits, a "
+                        f"sized-down {digits.model} (depth {digits.depth}, width "
+                        f"{digits.hidden_size}) for CPUs; latent256-*: the paper's ImageNet-256 "
+                        "latent setting")
     p.add_argument("--resume", default=None,
                    help="checkpoint file, results folder, or 'auto' (= RESULTS_DIR/latest.pt if any)")
     for flag, (field_name, typ) in _FLAGS.items():
+        typ = _TYPES.get(flag, cli.float_in_range() if typ is float else typ)
+        help_text = _HELP.get(flag, f"overrides the preset's {field_name}")
+        if field_name != "results_dir":
+            help_text += " " + _preset_values(field_name)
         p.add_argument(flag, dest=field_name, type=typ, default=None, choices=_CHOICES.get(flag),
-                       help=_HELP.get(flag, f"overrides the preset's {field_name}"))
+                       help=help_text)
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model")
     p.add_argument("--moe-recompute", dest="moe_recompute", action="store_true", default=None,
                    help="Switch-DiT: recompute the SMoE expert output in the backward instead of "
                         "keeping it (less activation memory, one more D x D GEMM per block)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bar (it is also off when stderr is not a terminal)")
     return p
 
 
@@ -454,18 +506,76 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return cfg, None
 
 
+def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Usage errors the parser's types cannot see, before any config, data or model exists."""
+    if args.model is not None:
+        from .models import MODELS
+
+        if args.model not in MODELS:
+            parser.error(f"--model {args.model!r} is not a model; choose "
+                         "{DiT,SwitchDiT,DTR}-{S,B,L,XL}/{2,4,8}, e.g. SwitchDiT-S/2")
+    cli.check_device(parser, args.device)
+
+
+def check_data(cfg: TrainConfig, world_size: int) -> Optional[str]:
+    """Why the run's data cannot feed it (missing folder, fewer items than a batch), or None."""
+    from .data import build_dataset
+
+    try:
+        dataset = build_dataset(cfg)
+    except (OSError, ValueError) as e:
+        flag = f"--data-path {cfg.data_path}" if cfg.data_path else f"--data {cfg.data}"
+        return f"{flag}: {e}"
+    return batch_size_problem(len(dataset), cfg.global_batch_size, world_size)
+
+
+def batch_size_problem(num_items: int, global_batch_size: int, world_size: int) -> Optional[str]:
+    """The data loader drops the last partial batch of each process: an epoch needs at least one
+    full per-process batch, else training would wait forever for the first batch."""
+    if global_batch_size % world_size:
+        return (f"--global-batch-size {global_batch_size} is not divisible by the {world_size} "
+                "processes")
+    if num_items // world_size < global_batch_size // world_size:
+        most = (num_items // world_size) * world_size
+        return (f"the dataset has {num_items} items, fewer than one batch "
+                f"(--global-batch-size {global_batch_size}"
+                f"{f' over {world_size} processes' if world_size > 1 else ''}): "
+                f"lower --global-batch-size to at most {most}")
+    return None
+
+
+def check_run(cfg: TrainConfig, resume: Optional[str], args: argparse.Namespace,
+              parser: argparse.ArgumentParser) -> None:
+    """Usage errors of the resolved run (results folder, kernel backend, data), before anything is
+    built or written, so a mistake leaves no half-made results folder."""
+    cli.check_output_dir(parser, "--results-dir", cfg.results_dir)
+    if args.backend is not None and is_switch_model(cfg.model):
+        cli.check_backend(parser, cfg.backend, args.device)
+    why = check_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if why:
+        parser.error(why)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_arguments(args, parser)
     cfg, resume = resolve_config(args, parser)
+    check_run(cfg, resume, args, parser)
     info = dist_util.init_distributed(args.device)
+    finished = False
     try:
-        out = train(cfg, resume=resume, info=info, progress=not args.no_progress)
+        out = train(cfg, resume=resume, info=info, progress=cli.show_progress(args.no_progress))
         if info.is_main:
             print(json.dumps({"results_dir": out["results_dir"], "step": out["step"],
                               "checkpoint": out["checkpoint"], "last_log": out["last_log"]}))
+        finished = True
     finally:
-        dist_util.cleanup()
+        # After a finished run every rank meets at a barrier, then the group is destroyed:
+        # exiting with a live process group aborted one 2-process torchrun run in 12
+        # ("terminate called without an active exception"). After an error there is no barrier
+        # (the other ranks may never reach it).
+        dist_util.cleanup(synchronize=finished)
     return 0
 
 

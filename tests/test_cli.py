@@ -1,7 +1,14 @@
 """Command lines: bad arguments fail with a message (exit code 2), good ones resolve as documented."""
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from _train_helpers import one_thread  # noqa: F401  (fixture)
 from _train_helpers import tiny_config
@@ -11,31 +18,107 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fails(main, argv, capsys, *needles):
+    """main(argv) exits with code 2 and one "prog: error: ..." line that holds every needle."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    message = err.strip().splitlines()[-1]
+    assert ": error: " in message, err
     for n in needles:
-        assert n in err, err
-    return err
+        assert n in message, err
+    return message
 
 
 @pytest.mark.parametrize("argv,needles", [
     (["--preset", "imagenet"], ["--preset", "invalid choice"]),
-    (["--max-steps", "0"], ["max_steps", "positive integer"]),
+    (["--max-steps", "0"], ["--max-steps", "must be >= 1"]),
     (["--max-steps", "ten"], ["--max-steps", "invalid int"]),
     (["--backend", "cuda-magic"], ["--backend", "invalid choice"]),
-    (["--lr", "-1"], ["lr", "> 0"]),
-    (["--ema-decay", "1.5"], ["ema_decay"]),
+    (["--lr", "-1"], ["--lr", "must be > 0"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--grad-clip", "nan"], ["--grad-clip", "finite"]),
+    (["--grad-clip", "-0.5"], ["--grad-clip", ">= 0"]),
+    (["--weight-decay=-inf"], ["--weight-decay", "finite"]),
+    (["--ema-decay", "1.5"], ["--ema-decay", "< 1"]),
+    (["--ema-decay", "1"], ["--ema-decay", "< 1"]),
+    (["--seed", "-1"], ["--seed", ">= 0"]),
+    (["--seed", str(2**40)], ["--seed", "<="]),
+    (["--model", "SwitchDiT-M/3"], ["--model", "SwitchDiT-M/3", "{DiT,SwitchDiT,DTR}"]),
+    (["--loss-weighting", "bogus"], ["--loss-weighting", "invalid choice", "min_snr"]),
+    (["--noise-schedule", "bogus"], ["--noise-schedule", "invalid choice", "cosine"]),
+    (["--data", "folder", "--data-path", "/nonexistent/images"], ["--data-path",
+                                                                   "does not exist"]),
+    (["--global-batch-size", "4096"], ["1797 items", "--global-batch-size"]),
     (["--data", "folder"], ["data_path", "--data-path"]),
     (["--precision", "fp8"], ["--precision", "invalid choice"]),
     (["--resume", "/nonexistent/ck.pt"], ["--resume", "no checkpoint there"]),
     (["--no-such-flag"], ["unrecognized arguments"]),
 ])
-def test_train_bad_arguments(argv, needles, capsys):
+def test_train_bad_arguments(argv, needles, capsys, tmp_path):
     from switch_dit.train import main
 
-    _fails(main, argv + ["--results-dir", "/tmp/never-written"], capsys, *needles)
+    results = tmp_path / "never-written"
+    _fails(main, ["--results-dir", str(results)] + argv, capsys, *needles)
+    assert not results.exists()  # a refused run leaves no half-made results folder
+
+
+def test_train_results_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
+    from switch_dit.train import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _fails(main, ["--results-dir", str(a_file)], capsys, "--results-dir", "is a file")
+    _fails(main, ["--results-dir", str(a_file / "run")], capsys, "cannot be created",
+           "is a file")
+    if os.geteuid() != 0:  # root writes through any permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            _fails(main, ["--results-dir", str(ro / "run")], capsys, "not writable")
+        finally:
+            ro.chmod(0o755)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    from switch_dit.demo import main as demo_main  # noqa: F401  (imports cleanly)
+    from switch_dit.evaluate import main as evaluate_main
+    from switch_dit.sample import main as sample_main
+    from switch_dit.train import main as train_main
+
+    _fails(train_main, ["--results-dir", str(tmp_path / "r"), "--device", "cuda"], capsys,
+           "--device cuda", "CUDA is not available")
+    _fails(sample_main, ["--checkpoint", "x", "--out", str(tmp_path / "g.png"), "--device", "cuda"],
+           capsys, "--device cuda")
+    _fails(evaluate_main, ["--checkpoint", "x", "--device", "cuda"], capsys, "--device cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_backend_triton_without_cuda_is_a_usage_error(tmp_path):
+    # The tests run with TRITON_INTERPRET=1 (conftest), which lets Triton run on the CPU; a user's
+    # shell does not have it, so the command runs in a subprocess without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "switch_dit.train", "--backend", "triton",
+                           "--results-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error: --backend triton" in last and "CUDA" in last, proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_dataset_smaller_than_the_batch_names_the_flag_and_writes_nothing(tmp_path):
+    from switch_dit.train import train
+
+    cfg = tiny_config(tmp_path / "run", global_batch_size=2048)
+    with pytest.raises(ValueError, match="--global-batch-size"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_resolves_presets_and_overrides():
@@ -90,7 +173,28 @@ def test_sample_and_evaluate_bad_arguments(tmp_path, capsys):
     _fails(sample_main, ["--checkpoint", str(bad), "--out", "g.png", "--sampler", "euler"], capsys,
            "invalid choice")
     _fails(sample_main, ["--checkpoint", str(bad), "--out", "g.png", "--num-sampling-steps", "0"],
-           capsys, "--num-sampling-steps must be >= 1")
+           capsys, "--num-sampling-steps", "must be >= 1")
+    for scale, why in (("0.5", ">= 1"), ("nan", "finite"), ("inf", "finite")):
+        _fails(sample_main, ["--checkpoint", str(bad), "--out", "g.png", "--cfg-scale", scale],
+               capsys, "--cfg-scale", why)
+        _fails(evaluate_main, ["--checkpoint", str(bad), "--cfg-scale", scale], capsys,
+               "--cfg-scale", why)
+    # outputs are checked before the checkpoint is even read
+    _fails(sample_main, ["--checkpoint", str(bad), "--out", str(tmp_path)], capsys,
+           "--out", "is a folder")
+    _fails(sample_main, ["--checkpoint", str(bad), "--out", str(bad / "g.png")], capsys,
+           "--out", "cannot be written")
+    _fails(sample_main, ["--checkpoint", str(bad), "--npz", str(tmp_path), "--num-samples", "2"],
+           capsys, "--npz", "is a folder")
+    _fails(evaluate_main, ["--checkpoint", str(bad), "--out", str(tmp_path)], capsys,
+           "--out", "is a folder")
+    _fails(evaluate_main, ["--checkpoint", str(bad)], capsys, "corrupt or truncated")
+    _fails(evaluate_main, ["--checkpoint", str(tmp_path)], capsys, "latest.pt", "does not exist")
+    _fails(evaluate_main, ["--npz", str(bad)], capsys, "--npz", "not a readable .npz")
+    _fails(evaluate_main, ["--npz", str(bad), "--real-dir", str(tmp_path / "none")], capsys,
+           "--real-dir", "is not a folder")
+    _fails(evaluate_main, ["--npz", str(bad), "--num-samples", "1"], capsys, "--num-samples",
+           ">= 2")
     _fails(evaluate_main, [], capsys, "one of the arguments --checkpoint --npz is required")
     _fails(evaluate_main, ["--npz", str(tmp_path / "none.npz")], capsys, "does not exist")
     _fails(evaluate_main, ["--npz", "a", "--checkpoint", "b"], capsys, "not allowed with")
@@ -103,6 +207,147 @@ def test_encode_latents_without_vae_fails_clearly(tmp_path, capsys):
                   str(tmp_path / "o")], capsys, "nothing is downloaded")
     _fails(main, ["--data-path", str(tmp_path), "--vae", "v", "--out", "o", "--image-size", "100"],
            capsys, "multiple of 8")
+
+
+def test_sample_and_evaluate_checks_that_need_the_checkpoint(tmp_path, capsys):
+    from switch_dit.evaluate import main as evaluate_main
+    from switch_dit.sample import main as sample_main
+    from switch_dit.train import train
+
+    train(tiny_config(tmp_path / "dit", model="DiT-S/2", max_steps=1, ckpt_every=1),
+          progress=False)
+    grid = tmp_path / "grid.png"
+    # --expert-map on a model without timestep routing: refused before the grid is sampled
+    _fails(sample_main, ["--checkpoint", str(tmp_path / "dit"), "--out", str(grid),
+                         "--expert-map", str(tmp_path / "m.png")], capsys,
+           "--expert-map", "no timestep routing")
+    assert not grid.exists()
+    # the tiny run has 100 diffusion steps
+    _fails(sample_main, ["--checkpoint", str(tmp_path / "dit"), "--out", str(grid),
+                         "--num-sampling-steps", "101"], capsys, "at most")
+    _fails(evaluate_main, ["--checkpoint", str(tmp_path / "dit"), "--num-sampling-steps", "101"],
+           capsys, "at most")
+    # evaluate takes a results folder, as sample does
+    out = tmp_path / "m.json"
+    assert evaluate_main(["--checkpoint", str(tmp_path / "dit"), "--num-samples", "4",
+                          "--num-sampling-steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert '"num_samples": 4' in out.read_text()
+
+
+def test_generate_progress_bar_changes_nothing_but_stderr(tmp_path, capsys):
+    from switch_dit.sample import generate, load_for_sampling
+    from switch_dit.train import train
+
+    train(tiny_config(tmp_path / "run", max_steps=1, ckpt_every=1), progress=False)
+    ld = load_for_sampling(str(tmp_path / "run" / "latest.pt"))
+    capsys.readouterr()
+    quiet = generate(ld, [0, 1, 2], num_sampling_steps=3, batch_size=2, seed=1)
+    assert capsys.readouterr().err == ""
+    shown = generate(ld, [0, 1, 2], num_sampling_steps=3, batch_size=2, seed=1, progress=True)
+    err = capsys.readouterr().err
+    assert torch.equal(quiet, shown)
+    assert "sampling 3 (ddim, 3 steps)" in err and "6/6" in err  # 2 batches x 3 steps
+
+
+def test_progress_is_off_without_a_terminal(monkeypatch):
+    from switch_dit import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not cli.show_progress()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli.show_progress() and not cli.show_progress(quiet=True)
+
+
+def test_float_types_refuse_non_finite_and_out_of_range_values():
+    from switch_dit import cli
+
+    unit = cli.float_in_range(0.0, 1.0, high_inclusive=False)
+    assert unit("0") == 0.0 and unit("0.5") == 0.5 and unit("1e-3") == 1e-3
+    for text in ("nan", "NaN", "inf", "-inf", "1", "1.5", "-0.1", "abc", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            unit(text)
+    anything = cli.float_in_range()
+    assert anything("-3.5") == -3.5
+    for text in ("nan", "inf", "-Infinity"):
+        with pytest.raises(argparse.ArgumentTypeError, match="finite"):
+            anything(text)
+    assert cli.positive_float("1e-4") == 1e-4
+    with pytest.raises(argparse.ArgumentTypeError, match="> 0"):
+        cli.positive_float("0")
+    assert cli.cfg_scale_float("1") == 1.0
+    assert cli.seed_int("0") == 0 and cli.seed_int(str(cli.MAX_SEED)) == cli.MAX_SEED
+    for text in ("-1", str(cli.MAX_SEED + 1), "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.seed_int(text)
+    assert not math.isnan(cli.non_negative_float("0"))
+
+
+def test_output_path_problems(tmp_path):
+    from switch_dit import cli
+
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert cli.writable_file_problem(str(tmp_path / "new" / "deeper" / "g.png")) is None
+    assert cli.writable_file_problem(str(a_file)) is None  # overwriting a file is fine
+    assert "is a folder" in cli.writable_file_problem(str(tmp_path))
+    assert "is a folder" in cli.writable_file_problem(str(tmp_path / "sub") + os.sep)
+    assert "is a file" in cli.writable_file_problem(str(a_file / "g.png"))
+    assert cli.writable_dir_problem(str(tmp_path / "a" / "b")) is None
+    assert cli.writable_dir_problem(str(tmp_path)) is None
+    assert "is a file" in cli.writable_dir_problem(str(a_file))
+
+
+def test_stale_checkpoint_temp_files_are_removed_on_the_next_start(tmp_path):
+    from switch_dit import checkpoint as ckpt
+    from switch_dit.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run, max_steps=1, ckpt_every=1), progress=False)
+    # what a kill -9 during atomic_torch_save / the latest.pt link leaves behind
+    stale = [run / ".ckpt_0000002.pt.k3j_x9.tmp", run / ".latest.pt.4242.link",
+             run / ".latest.pt.ab12.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    keep = [run / "notes.tmp", run / ".ckpt_notes.txt", run / "ckpt_0000001.pt", run / "latest.pt"]
+    keep[0].write_text("user file")
+    keep[1].write_text("user file")
+    train(tiny_config(run, max_steps=2, ckpt_every=1), resume=str(run / "latest.pt"),
+          progress=False)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+    assert ckpt.remove_stale_temp_files(str(run)) == []
+    assert ckpt.remove_stale_temp_files(str(tmp_path / "missing")) == []
+
+
+def test_demo_bad_arguments(tmp_path, capsys):
+    from switch_dit.demo import main
+
+    _fails(main, ["--model", "SwitchDiT-S/3"], capsys, "--model", "SwitchDiT-S/3")
+    _fails(main, ["--max-steps", "0"], capsys, "--max-steps", ">= 1")
+    _fails(main, ["--seed", "nan"], capsys, "--seed", "invalid int")
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    _fails(main, ["--results-dir", str(a_file)], capsys, "--results-dir", "is a file")
+
+
+def test_help_tells_the_truth(capsys):
+    from switch_dit.config import get_preset
+    from switch_dit.demo import main as demo_main
+    from switch_dit.train import main as train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    assert "(default: None)" not in out and "(default: False)" not in out
+    digits = get_preset("digits")
+    assert f"sized-down {digits.model}" in out and "SwitchDiT-S/2 for CPUs" not in out
+    assert "[presets: digits: 2000; latent256-*: 400000]" in out  # --max-steps
+    assert "[presets: digits: 0.002; latent256-*: 0.0001]" in out  # --lr
+    assert "{constant,min_snr,uw}" in out and "{linear,cosine}" in out
+    with pytest.raises(SystemExit):
+        demo_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"the digits preset's {digits.model}" in out and "S/2" not in out
 
 
 def test_help_lists_the_main_flags(capsys):
