@@ -9,19 +9,39 @@ PYTEST_ARGS ?= -q -n 2
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
+# The editable install runs once per venv and again only when what it builds from changes (a stamp
+# file in the venv): it also builds the optional CUDA extension whenever nvcc is found, about 30 s
+# even on a machine without a GPU. The stamp's name carries this checkout's path, so two clones
+# sharing one VENV each install themselves; `make clean` or a changed setup.py / pyproject.toml /
+# CMakeLists.txt / csrc file re-runs it.
+INSTALL_STAMP := $(VENV)/.switch-dit-installed-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+INSTALL_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+# Mirrors setup.py's find_nvcc and SWITCH_DIT_BUILD_CUDA, only to tell the user what takes time.
+NVCC := $(or $(shell command -v nvcc 2>/dev/null),$(firstword $(wildcard $(CUDA_HOME)/bin/nvcc \
+          $(CUDA_PATH)/bin/nvcc /usr/local/cuda/bin/nvcc)))
+BUILDS_CUDA := $(if $(filter 0 false no off,$(SWITCH_DIT_BUILD_CUDA)),,$(NVCC))
+
 .PHONY: venv install test demo bench-cpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
+# find_spec, not `import torch`: the check runs before every target, and importing torch takes
+# seconds on a busy machine.
 venv: $(PY)
-	@$(PY) -c "import torch" 2>/dev/null || { \
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" || { \
 	  echo "installing the CPU build of torch"; \
 	  $(PIP) install -q $(FIND_LINKS) torch==2.13.0 \
 	  || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; }
 
-install: venv
+$(INSTALL_STAMP): $(INSTALL_INPUTS) | venv
+	@echo "installing switch-dit (editable, with its test extras) into $(VENV)"
+	@$(if $(BUILDS_CUDA),echo "building the optional CUDA extension with $(BUILDS_CUDA)" \
+	  "(about 30 s; SWITCH_DIT_BUILD_CUDA=0 skips it)")
 	$(PIP) install -q $(FIND_LINKS) -e ".[test]"
+	@touch $@
+
+install: $(INSTALL_STAMP)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,14 +53,16 @@ bench-cpu: install
 	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only -q
 
 clean:
-	rm -rf build *.egg-info switch_dit_kernels/_C*.so results
+	rm -rf build *.egg-info switch_dit_kernels/_C*.so results $(INSTALL_STAMP)
 
 .PHONY: bench-gpu plots
 bench-gpu:
 	bash benchmarks/gpu_check.sh
 
+# Every JSON under benchmarks/results/ (a fresh clone holds only CPU results; `make bench-gpu`
+# adds the GPU ones).
 plots: install
-	$(PY) -m benchmarks.plot benchmarks/results/*/*.json --tables
+	$(PY) -m benchmarks.plot --tables
 
 .PHONY: compile-check
 # Ahead-of-time compile of every Triton kernel for sm_90/sm_80 (no GPU needed).

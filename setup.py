@@ -96,6 +96,11 @@ class BuildExt(build_ext):
             raise RuntimeError("nvcc not found")
         import pybind11  # a build requirement (pyproject.toml)
 
+        # pip shows this only with -v (the Makefile prints its own line); `setup.py build_ext`
+        # always shows it. The build takes about 30 s (nvcc for two architectures), GPU or not.
+        print(f"switch-dit: building the optional CUDA extension {ext.name} with {nvcc} "
+              f"(about 30 s; SWITCH_DIT_BUILD_CUDA=0 skips it)", file=sys.stderr, flush=True)
+
         target = os.path.abspath(self.get_ext_fullpath(ext.name))
         staging = os.path.join(os.path.abspath(self.build_temp), "switch_dit_cuda")
         lib_dir = os.path.join(staging, "lib")
@@ -157,6 +162,8 @@ def cuda_extensions():
         if mode == "force":
             raise RuntimeError("SWITCH_DIT_BUILD_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, "
                                "CUDA_PATH, /usr/local/cuda)")
+        print("switch-dit: no nvcc found, installing without the optional CUDA extension",
+              file=sys.stderr)
         return []
     return [CMakeExtension("switch_dit_kernels._C")]
 

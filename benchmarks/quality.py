@@ -41,7 +41,7 @@ def machine_info() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["DiT-S/2", "DTR-S/2", "SwitchDiT-S/2"])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
