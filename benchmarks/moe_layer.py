@@ -1,5 +1,8 @@
 """MoE layer benchmark: implementations x shapes x modes -> a table on stdout and JSON rows.
 
+Each row is printed once, in the table at the end; while the run goes, one progress line per row
+("[3/24] case impl mode: 1.23 ms") goes to stderr.
+
 Usage (from the repository root):
 
     python -m benchmarks.moe_layer                                   # all cases on the GPU
@@ -482,11 +485,13 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
     print(f"# moe_layer on {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{config['dtype']} | {env['date']}", flush=True)
     rows: List[dict] = []
+    total = sum(len(impls_for(c.suite)) * len(modes) for c in cases)
 
     def emit(row: dict) -> None:
         rows.append(row)
-        line = common.format_table([row], TABLE_COLUMNS).splitlines()[-1]
-        print(line, flush=True)
+        result = f"{row['ms']:.4g} ms" if row["ms"] is not None else (row["error"] or "-")
+        print(f"[{len(rows)}/{total}] {row['case']} {row['impl']} {row['mode']}: {result}",
+              file=sys.stderr, flush=True)
         if args.json:
             common.write_json(args.json, "moe_layer", env, rows, config)
 

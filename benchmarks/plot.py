@@ -37,7 +37,7 @@ def load_rows(paths: Sequence[str]) -> Dict[str, List[dict]]:
     for path in paths:
         data = common.read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-            print(f"(skipping {path}: not a benchmarks JSON file with 'rows')")
+            print(f"(skipping {path}: no 'rows' to chart)")
             continue
         bench = data.get("benchmark")
         env = data.get("env", {})
@@ -285,7 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     args = p.parse_args(argv)
     files = args.files or sorted(glob.glob(os.path.join(RESULTS_DIR, "**", "*.json"), recursive=True))
     if not files:
-        raise SystemExit("no JSON files given and none under benchmarks/results/")
+        p.error("no JSON files given and none under benchmarks/results/")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        p.error(f"no such file: {', '.join(missing)}")
     by_bench = load_rows(files)
     out_dir = args.out or os.path.dirname(os.path.abspath(files[0]))
     os.makedirs(out_dir, exist_ok=True)
@@ -305,6 +308,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
                 print(tabler(drows))
     for path in written:
         print(f"wrote {path}")
+    if not any(bench in plotters for bench in by_bench):
+        # A fresh clone holds only the CPU results (quality, saved activations): the charts are of
+        # GPU runs, which benchmarks/results/<date>_<card>/ folders hold once someone adds them.
+        print(f"nothing to chart: {len(files)} file(s) read, none with moe_layer or train_step "
+              "rows. Those come from a CUDA machine: `make bench-gpu` (benchmarks/gpu_check.sh) "
+              "writes them; copy its output folder to benchmarks/results/<date>_<card>/ and run "
+              "`make plots` again.")
     return written
 
 

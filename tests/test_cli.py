@@ -361,3 +361,29 @@ def test_help_lists_the_main_flags(capsys):
     for flag in ("--preset", "--model", "--max-steps", "--results-dir", "--resume", "--backend",
                  "--seed"):
         assert flag in out
+
+
+def test_moe_layer_prints_each_row_once(capsys):
+    from benchmarks import moe_layer
+
+    rows = moe_layer.main(["--quick", "--device", "cpu", "--impls", "reference,torch_grouped_mm",
+                           "--cases", "switch", "--modes", "forward", "--no-check"])
+    captured = capsys.readouterr()
+    assert len(rows) == 2 * len(moe_layer.QUICK_SWITCH_CASES)
+    for case in moe_layer.QUICK_SWITCH_CASES:  # once in the table (stdout), once as progress
+        assert captured.out.count(case.name) == 2, captured.out  # 2 impls
+        assert captured.err.count(case.name) == 2, captured.err
+    assert f"[{len(rows)}/{len(rows)}]" in captured.err
+
+
+def test_plot_without_gpu_results_explains_itself(tmp_path, capsys):
+    import json
+
+    from benchmarks import plot
+
+    cpu_only = tmp_path / "saved_activations_cpu.json"
+    cpu_only.write_text(json.dumps({"benchmark": "saved_activations", "env": {}, "config": {},
+                                    "rows": [{"model": "x", "bytes": 1}]}))
+    assert plot.main([str(cpu_only), "--tables"]) == []
+    assert "make bench-gpu" in capsys.readouterr().out
+    _fails(plot.main, [str(tmp_path / "missing.json")], capsys, "no such file")
