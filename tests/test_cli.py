@@ -387,3 +387,30 @@ def test_plot_without_gpu_results_explains_itself(tmp_path, capsys):
     assert plot.main([str(cpu_only), "--tables"]) == []
     assert "make bench-gpu" in capsys.readouterr().out
     _fails(plot.main, [str(tmp_path / "missing.json")], capsys, "no such file")
+
+
+def test_make_installs_once_and_again_when_setup_changes(tmp_path):
+    # `make -n` prints the recipes it would run: with a fresh stamp the editable install is not
+    # among them; with a stamp older than setup.py (or none) it is.
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+
+    def dry_run():
+        return subprocess.run(["make", "-n", "install", f"VENV={venv}"], cwd=root,
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    first = dry_run()
+    assert "pip install" in first and "-e \".[test]\"" in first
+    stamp = [line.split()[-1] for line in first.splitlines() if line.startswith("touch ")]
+    assert len(stamp) == 1 and stamp[0].startswith(str(venv))
+    open(stamp[0], "w").close()
+    again = dry_run()
+    assert "-e \".[test]\"" not in again and "touch" not in again
+    os.utime(stamp[0], (0, 0))  # older than setup.py: install again
+    assert "-e \".[test]\"" in dry_run()
