@@ -151,12 +151,18 @@ def check_backend(parser: argparse.ArgumentParser, backend: Optional[str], devic
     if backend is None:
         return
     import torch
-    from switch_dit_kernels import resolve_backend
+    from switch_dit_kernels import resolve_backend, triton_available
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    probe = torch.empty(0, device="cuda" if use_cuda else "cpu")
+    if use_cuda:
+        # No CUDA tensor as a probe: it would create a context on GPU 0 in every torchrun rank
+        # before the rank picks its own GPU. On CUDA only Triton itself can be missing.
+        if backend == "triton" and not triton_available():
+            parser.error(f"--backend {backend}: the `triton` package is not installed "
+                         "(pip install triton), or use --backend torch")
+        return
     try:
-        resolve_backend(backend, probe)
+        resolve_backend(backend, torch.empty(0))
     except (ValueError, RuntimeError) as e:
         parser.error(f"--backend {backend}: {e}")
 
