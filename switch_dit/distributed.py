@@ -50,14 +50,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup(synchronize: bool = True) -> None:
+def cleanup(synchronize: bool = False) -> None:
     """Destroy the process group (no-op without one), after a barrier when `synchronize`.
 
     The barrier makes every rank finish its last collective before any rank tears the group down;
     a process that exits with the group alive (or destroys it while a peer is still in a
     collective) can abort in the backend's threads at interpreter exit ("terminate called
-    without an active exception", seen once in 12 two-process gloo runs). Pass
-    synchronize=False after an error, when the other ranks may never reach the barrier.
+    without an active exception", seen once in 12 two-process runs). Pass synchronize=True
+    when every rank finished its work; not after an error, when the other ranks may never
+    reach the barrier (the default, for `finally:` blocks).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -297,6 +297,24 @@ def test_output_path_problems(tmp_path):
     assert "is a file" in cli.writable_dir_problem(str(a_file))
 
 
+def test_read_only_results_dir_is_one_line_even_as_root(tmp_path, capsys, monkeypatch):
+    # Root writes through permission bits, so the refusal is checked with os.access answering
+    # as it does for an ordinary user on a read-only folder.
+    from switch_dit import cli
+    from switch_dit.train import main
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False if os.path.abspath(path) ==
+                        str(read_only) else real_access(path, mode))
+    _fails(main, ["--results-dir", str(read_only)], capsys, "--results-dir", "is not writable")
+    _fails(main, ["--results-dir", str(read_only / "run")], capsys, "cannot be created",
+           "is not writable")
+    assert cli.writable_file_problem(str(read_only / "g.png")).startswith("cannot be written")
+    assert list(read_only.iterdir()) == []
+
+
 def test_stale_checkpoint_temp_files_are_removed_on_the_next_start(tmp_path):
     from switch_dit import checkpoint as ckpt
     from switch_dit.train import train
