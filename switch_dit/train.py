@@ -544,6 +544,19 @@ def batch_size_problem(num_items: int, global_batch_size: int, world_size: int) 
     return None
 
 
+def model_problem(cfg: TrainConfig) -> Optional[str]:
+    """Why the model or diffusion of `cfg` cannot be built (num_heads not dividing hidden_size,
+    k > num_experts, too few diffusion steps, ...), or None. The model is built on the meta
+    device: no memory, a fraction of a second even for XL."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+        build_diffusion(cfg)
+    except (ValueError, TypeError) as e:
+        return f"{cfg.model} with these settings: {e}"
+    return None
+
+
 def check_run(cfg: TrainConfig, resume: Optional[str], args: argparse.Namespace,
               parser: argparse.ArgumentParser) -> None:
     """Usage errors of the resolved run (results folder, kernel backend, data), before anything is
@@ -551,7 +564,7 @@ def check_run(cfg: TrainConfig, resume: Optional[str], args: argparse.Namespace,
     cli.check_output_dir(parser, "--results-dir", cfg.results_dir)
     if args.backend is not None and is_switch_model(cfg.model):
         cli.check_backend(parser, cfg.backend, args.device)
-    why = check_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    why = model_problem(cfg) or check_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if why:
         parser.error(why)
 
