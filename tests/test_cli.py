@@ -230,6 +230,11 @@ def test_sample_and_evaluate_checks_that_need_the_checkpoint(tmp_path, capsys):
                          "--num-sampling-steps", "101"], capsys, "at most")
     _fails(evaluate_main, ["--checkpoint", str(tmp_path / "dit"), "--num-sampling-steps", "101"],
            capsys, "at most")
+    # np.savez appends ".npz": the report names the file that exists
+    assert sample_main(["--checkpoint", str(tmp_path / "dit"), "--npz", str(tmp_path / "s"),
+                        "--num-samples", "2", "--num-sampling-steps", "2", "--quiet"]) == 0
+    assert '"npz": "%s.npz"' % (tmp_path / "s") in capsys.readouterr().out
+    assert (tmp_path / "s.npz").is_file()
     # evaluate takes a results folder, as sample does
     out = tmp_path / "m.json"
     assert evaluate_main(["--checkpoint", str(tmp_path / "dit"), "--num-samples", "4",
