@@ -126,8 +126,9 @@ def uint8_to_unit(images: np.ndarray) -> np.ndarray:
 
 
 def compute_fid(fake_dir: str, real_dir: str, inception_weights: Optional[str] = None,
-                cuda: bool = False) -> Dict[str, float]:
-    """FID between two image folders via torch-fidelity (preferred) or clean-fid, offline only."""
+                cuda: bool = False, progress: bool = False) -> Dict[str, float]:
+    """FID between two image folders via torch-fidelity (preferred) or clean-fid, offline only;
+    progress: torch-fidelity's own progress output (stderr)."""
     try:
         import torch_fidelity  # noqa: F401
         have_tf = True
@@ -140,7 +141,7 @@ def compute_fid(fake_dir: str, real_dir: str, inception_weights: Optional[str] =
                 "--inception-weights PATH to torch-fidelity's pt_inception-2015-12-05 .pth file")
         import torch_fidelity
         m = torch_fidelity.calculate_metrics(
-            input1=fake_dir, input2=real_dir, cuda=cuda, fid=True, verbose=False,
+            input1=fake_dir, input2=real_dir, cuda=cuda, fid=True, verbose=progress,
             feature_extractor_weights_path=inception_weights)
         return {"fid": float(m["frechet_inception_distance"])}
     try:
@@ -154,11 +155,13 @@ def compute_fid(fake_dir: str, real_dir: str, inception_weights: Optional[str] =
     return {"fid": float(cfid.compute_fid(fake_dir, real_dir, mode="clean"))}
 
 
-def write_png_folder(images_uint8: np.ndarray, out_dir: str) -> str:
+def write_png_folder(images_uint8: np.ndarray, out_dir: str, progress: bool = False) -> str:
     from PIL import Image
+    from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    for i, im in enumerate(images_uint8):
+    for i, im in enumerate(tqdm(images_uint8, desc="writing PNGs for FID", unit="image",
+                                disable=not progress, dynamic_ncols=True)):
         Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).save(
             os.path.join(out_dir, f"{i:06d}.png"))
     return out_dir
@@ -271,8 +274,10 @@ def main(argv=None) -> int:
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    res = compute_fid(write_png_folder(samples, tmp), args.real_dir,
-                                      args.inception_weights, cuda=args.device == "cuda")
+                    progress = cli.show_progress(args.quiet)
+                    res = compute_fid(write_png_folder(samples, tmp, progress), args.real_dir,
+                                      args.inception_weights, cuda=args.device == "cuda",
+                                      progress=progress)
                 except (RuntimeError, FileNotFoundError, ValueError) as e:
                     build_parser().error(str(e))
         else:

@@ -183,11 +183,12 @@ def main(argv=None) -> int:
         parser.error("nothing to do: give --out, --npz and/or --expert-map")
     if args.npz and args.num_samples < 1:
         parser.error("--npz needs --num-samples N (N >= 1)")
-    if args.npz and not args.npz.endswith(".npz"):
-        args.npz += ".npz"  # np.savez appends it anyway; the report must name the real file
     # Every output is checked before the (possibly hours-long) sampling starts.
     for flag, value in (("--out", args.out), ("--npz", args.npz), ("--expert-map", args.expert_map)):
         cli.check_output_file(parser, flag, value)
+    if args.npz and not args.npz.endswith(".npz"):
+        args.npz += ".npz"  # np.savez appends it anyway; the report must name the real file
+        cli.check_output_file(parser, "--npz", args.npz)
     cli.check_device(parser, args.device)
     cli.check_backend(parser, args.backend, args.device)
     path = cli.checkpoint_path(args.checkpoint)
