@@ -192,7 +192,8 @@ def main(argv=None) -> int:
         labels = grid_labels(cfg.num_classes, args.per_class)
         x = generate(ld, labels, progress=False, **kw)
         from .plots import save_grid
-        report["grid"] = save_grid(x, args.out, nrow=args.per_class)
+        report["grid"] = save_grid(x, args.out, nrow=args.per_class,
+                                   row_labels=[str(c) for c in labels[::args.per_class]])
     if args.npz:
         labels = np.arange(args.num_samples) % cfg.num_classes
         x = generate(ld, labels, **kw)
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
             parser.error(f"--expert-map: {cfg.model} has no timestep routing (Switch-DiT only)")
         from .plots import plot_expert_map
         report["expert_map"] = plot_expert_map(ld.model.expert_routing_table(), args.expert_map,
-                                               title=f"{cfg.model} step {ld.step}: gate probability")
+                                               title=f"{cfg.model} step {ld.step}: gate probability",
+                                               k=ld.model.k)
     import json
     print(json.dumps(report))
     return 0

@@ -15,7 +15,8 @@ RNG states of every rank and the resolved config; the data order is a function o
 (see data.infinite_batches), so stopping at step s and resuming gives bit-identical weights.
 
 Outputs in --results-dir: config.json, log.jsonl (step, loss, prior_loss, lr, images_per_sec,
-grad_norm per --log-every steps), ckpt_XXXXXXX.pt and latest.pt.
+grad_norm per --log-every steps; Switch-DiT adds experts_shared / experts_switching, the mean number
+of experts per block selected at every timestep / at some but not all), ckpt_XXXXXXX.pt and latest.pt.
 """
 from __future__ import annotations
 
@@ -333,6 +334,12 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
                         "lr": lr_at(cfg, tr.step - 1),
                         "images_per_sec": n_acc * cfg.global_batch_size / max(dt, 1e-9),
                         "grad_norm": vals["grad_norm"]}
+            if info.is_main and hasattr(tr.model, "expert_sharing"):
+                # the paper's expert-map statistic as numbers: experts per block selected at every
+                # timestep (shared) and at some but not all (switching with t)
+                sharing = tr.model.expert_sharing()
+                last_log["experts_shared"] = sharing["shared_mean"]
+                last_log["experts_switching"] = sharing["switching_mean"]
             # (an inf grad norm alone is an fp16 overflow step the GradScaler skipped)
             if not (math.isfinite(vals["loss"]) and math.isfinite(vals["prior_loss"])):
                 raise FloatingPointError(f"non-finite loss at step {tr.step}: {last_log}")
