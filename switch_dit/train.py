@@ -6,9 +6,10 @@
     python -m switch_dit.train --resume auto --results-dir results/run   # continue where it stopped
 
 AdamW (the paper's lr 1e-4, betas 0.9/0.999, no weight decay unless a preset says otherwise), EMA
-of the weights, bf16/fp16 autocast (a GradScaler for fp16), global-norm gradient clipping, optional
-torch.compile. Loss = weighting(diffusion loss per sample, t) + the model's auxiliary loss (the
-Switch-DiT diffusion prior loss; none for DiT/DTR).
+of the weights, bf16/fp16 autocast (a GradScaler for fp16), optional global-norm gradient clipping
+(off in the latent256 presets, as in the official code), optional torch.compile, optional
+pretrained initial weights (--init-from). Loss = weighting(diffusion loss per sample, t) + the
+model's auxiliary loss (the Switch-DiT diffusion prior loss; none for DiT/DTR).
 
 Exact resume: a checkpoint holds model, EMA, optimiser, scaler, loss-weighting parameters, step, the
 RNG states of every rank and the resolved config; the data order is a function of (seed, step)
@@ -174,11 +175,16 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True) * cfg.latent_scale
+        x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if cfg.hflip:
+        if x.dim() == 6:  # stored VAE posteriors of each image and its flip: the official recipe
+            from .data import draw_latents
+
+            x = draw_latents(x, flip=cfg.hflip, sample=cfg.latent_sampling == "sample")
+        elif cfg.hflip:  # pixels, or older latent folders holding one latent per image
             flip = torch.rand(x.shape[0], device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = x * cfg.latent_scale
         factor = lr_at(cfg, self.step) / cfg.lr
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * factor
@@ -277,6 +283,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
             f"{cfg.results_dir} already holds a training run ({ckpt.LATEST}); resume it with "
             "--resume auto or pick another --results-dir (nothing was overwritten)")
     tr = Trainer(cfg, info)
+    if cfg.init_from and not resume:
+        from .models import load_pretrained
+
+        load_pretrained(tr.model, cfg.init_from, verbose=info.is_main)
+        tr.ema.load_state_dict(tr.model.state_dict())  # the EMA starts from the loaded weights
     log_path = os.path.join(cfg.results_dir, "log.jsonl")
     if resume:
         st = ckpt.load_checkpoint(resume, map_location=info.device)
@@ -377,9 +388,10 @@ _FLAGS = {
     "--num-experts": ("num_experts", int), "--k": ("k", int),
     "--loss-weighting": ("loss_weighting", str), "--noise-schedule": ("noise_schedule", str),
     "--diffusion-steps": ("diffusion_steps", int), "--vae": ("vae_path", str),
+    "--init-from": ("init_from", str), "--latent-sampling": ("latent_sampling", str),
 }
 _CHOICES = {"--backend": ("auto", "triton", "torch"), "--data": ("digits", "folder", "latents"),
-            "--precision": ("auto", "fp32", "bf16", "fp16")}
+            "--precision": ("auto", "fp32", "bf16", "fp16"), "--latent-sampling": ("sample", "mean")}
 _HELP = {
     "--model": "e.g. SwitchDiT-S/2, DiT-S/2, DTR-S/2 (the preset's size overrides still apply)",
     "--max-steps": "total optimiser steps (digits: 2000, a few CPU minutes)",
@@ -392,6 +404,11 @@ _HELP = {
     "--ema-decay": "paper 0.9999; digits 0.999 with warm-up",
     "--vae": "AutoencoderKL folder used to decode latent samples (sampling only)",
     "--threads": "torch CPU threads (0 = torch's default; the digits preset uses 1)",
+    "--init-from": "start a fresh run from these weights: a switch-dit checkpoint or results folder "
+                   "(EMA weights), an exported .safetensors, a DiT state dict (DiT-XL-2-256x256.pt; "
+                   "into Switch-DiT: identity experts) or an official Switch-DiT/DTR checkpoint",
+    "--latent-sampling": "posterior latents: sample = mean + std * eps each step (official), "
+                         "mean = the posterior mean",
 }
 
 
@@ -454,6 +471,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     cfg.results_dir = results_dir
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        parser.error(f"--init-from {cfg.init_from!r}: no such file or folder")
     try:
         cfg.validate()
     except ValueError as e:
