@@ -133,6 +133,20 @@ def grid_labels(num_classes: int, per_class: int, max_classes: int = 16) -> np.n
     return np.repeat(classes, per_class)
 
 
+FID_LABELS = ("balanced", "random")
+
+
+def fid_labels(num_samples: int, num_classes: int, mode: str = "balanced", seed: int = 0) -> np.ndarray:
+    """int64 [num_samples] class labels for FID samples: "balanced" = i mod num_classes (each class
+    equally often, lower variance); "random" = uniform draws (the official DiT / Switch-DiT
+    sample_ddp.py), from a numpy generator seeded with `seed`."""
+    if mode == "balanced":
+        return np.arange(num_samples, dtype=np.int64) % num_classes
+    if mode == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
+    raise ValueError(f"mode must be one of {FID_LABELS}, got {mode!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switch-dit-sample", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a results folder")
@@ -143,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
     p.add_argument("--num-samples", type=int, default=0, help="with --npz: how many samples")
     p.add_argument("--npz", default=None, help="write uint8 samples + labels here (for FID tools)")
+    p.add_argument("--npz-labels", choices=FID_LABELS, default="balanced",
+                   help="labels of the --npz samples: balanced = every class equally often (i mod C); "
+                        "random = uniform draws seeded by --seed, as the official sample_ddp.py")
     p.add_argument("--expert-map", default=None, help="PNG heatmap of timestep -> expert gates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -195,7 +212,7 @@ def main(argv=None) -> int:
         report["grid"] = save_grid(x, args.out, nrow=args.per_class,
                                    row_labels=[str(c) for c in labels[::args.per_class]])
     if args.npz:
-        labels = np.arange(args.num_samples) % cfg.num_classes
+        labels = fid_labels(args.num_samples, cfg.num_classes, args.npz_labels, args.seed)
         x = generate(ld, labels, **kw)
         from .plots import to_uint8
         os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)

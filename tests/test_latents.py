@@ -160,3 +160,17 @@ def test_latent256_presets_follow_the_official_recipe():
     bad.data_path, bad.latent_sampling = "/x", "median"
     with pytest.raises(ValueError, match="latent_sampling"):
         bad.validate()
+
+
+def test_fid_labels_balanced_and_random():
+    from switch_dit.sample import fid_labels
+
+    assert fid_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    r = fid_labels(5000, 10, "random", seed=1)
+    assert r.dtype == np.int64 and r.min() == 0 and r.max() == 9
+    counts = np.bincount(r, minlength=10)
+    assert counts.std() > 0 and abs(counts.mean() - 500) < 1e-9 and counts.min() > 400
+    assert np.array_equal(r, fid_labels(5000, 10, "random", seed=1))
+    assert not np.array_equal(r, fid_labels(5000, 10, "random", seed=2))
+    with pytest.raises(ValueError, match="mode"):
+        fid_labels(3, 3, "stratified")
