@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     x = generate(ld, grid_labels(c.num_classes, 10), num_sampling_steps=c.sample_steps,
                  cfg_scale=c.cfg_scale, sampler=c.sampler, seed=args.seed)
     grid = save_grid(x, os.path.join(out_dir, "grid.png"), nrow=10,
-                     row_labels=[str(c) for c in range(c.num_classes)])
+                     row_labels=[str(i) for i in range(c.num_classes)])
     expert_map = None
     if hasattr(ld.model, "expert_routing_table"):
         expert_map = plot_expert_map(ld.model.expert_routing_table(),
