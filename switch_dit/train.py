@@ -485,8 +485,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg, resume = resolve_config(args, parser)
     info = dist_util.init_distributed(args.device)
+    from .models import PretrainedMismatch
+
     try:
-        out = train(cfg, resume=resume, info=info, progress=not args.no_progress)
+        try:
+            out = train(cfg, resume=resume, info=info, progress=not args.no_progress)
+        except PretrainedMismatch as e:  # raised before anything is written
+            parser.error(f"--init-from {cfg.init_from!r}: {e}")
         if info.is_main:
             print(json.dumps({"results_dir": out["results_dir"], "step": out["step"],
                               "checkpoint": out["checkpoint"], "last_log": out["last_log"]}))

@@ -224,3 +224,12 @@ def test_init_from_missing_is_a_usage_error(tmp_path, capsys):
         train_main(["--init-from", str(tmp_path / "nothing.pt"), "--results-dir", str(tmp_path / "r")])
     assert e.value.code == 2 and "--init-from" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    # weights that do not fit the preset's model: one usage line naming the key, nothing written
+    wrong = tmp_path / "wrong.pt"
+    torch.save(create_model("DiT-S/2", **TINY).state_dict(), wrong)
+    with pytest.raises(SystemExit) as e:
+        train_main(["--init-from", str(wrong), "--results-dir", str(tmp_path / "r"),
+                    "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--init-from" in err and "missing from raw state dict" in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()

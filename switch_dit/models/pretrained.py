@@ -18,8 +18,9 @@ A "module." (DDP) or "_orig_mod." (torch.compile) prefix is removed.
 
 A DiT state dict loaded into a Switch-DiT leaves every expert at zero, so m = 1 and the model
 computes DiT's function (the gates keep their initial values: with zero experts they change
-nothing). Every other mismatch (a key the model lacks or misses, another shape) is a ValueError
-naming the key and both shapes. Loading is all or nothing: the model is untouched on error.
+nothing). Every other mismatch (a key the model lacks or misses, another shape) is a
+`PretrainedMismatch` (a ValueError) naming the key and both shapes. Loading is all or nothing: the
+model is untouched on error.
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ _OFFICIAL_GATE = re.compile(r"^routers\.(\d+)\.f_gate\.1\.(weight|bias)$")
 _OFFICIAL_DTR_TABLE = re.compile(r"^routers\.(\d+)\._unit_mapping$")
 _EXPERT_KEY = re.compile(r"^blocks\.\d+\.moe\.(weight|bias)$")
 _GATE_KEY = re.compile(r"^blocks\.\d+\.moe\.gate\.")
+
+
+class PretrainedMismatch(ValueError):
+    """The weights do not fit the model: the message names the key and both shapes."""
 
 
 class _StubObject:
@@ -102,7 +107,7 @@ def read_state_dict(path: str, use_ema: bool = True) -> Tuple[StateDict, str]:
         return load_file(path), f"safetensors file {path}"
     obj = _torch_load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint")
+        raise PretrainedMismatch(f"{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint")
     if which in obj and isinstance(obj[which], dict):
         kind = "switch-dit checkpoint" if "step" in obj and "integrity" in obj else \
             "official training checkpoint"
@@ -110,7 +115,7 @@ def read_state_dict(path: str, use_ema: bool = True) -> Tuple[StateDict, str]:
     elif all(isinstance(v, torch.Tensor) for v in obj.values()):
         kind, sd = "raw state dict", obj
     else:
-        raise ValueError(f"{path!r} is neither a state dict nor a checkpoint with a {which!r} entry "
+        raise PretrainedMismatch(f"{path!r} is neither a state dict nor a checkpoint with a {which!r} entry "
                          f"(top-level keys: {sorted(obj)[:10]})")
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     return _strip_prefixes(sd), f"{kind} {path} ({which} weights)" if kind != "raw state dict" \
@@ -119,10 +124,10 @@ def read_state_dict(path: str, use_ema: bool = True) -> Tuple[StateDict, str]:
 
 def _expect_table(key: str, got: torch.Tensor, want: Optional[torch.Tensor], what: str) -> None:
     if want is None:
-        raise ValueError(f"key {key!r} {tuple(got.shape)}: the source was trained with {what}, "
+        raise PretrainedMismatch(f"key {key!r} {tuple(got.shape)}: the source was trained with {what}, "
                          "which this model does not have")
     if tuple(got.shape) != tuple(want.shape) or not torch.equal(got.to(want.dtype).cpu(), want.cpu()):
-        raise ValueError(f"key {key!r}: the source's fixed table {tuple(got.shape)} differs from the "
+        raise PretrainedMismatch(f"key {key!r}: the source's fixed table {tuple(got.shape)} differs from the "
                          f"one this model recomputes {tuple(want.shape)} ({what}: another number of "
                          "timesteps, alpha, beta, k or experts)")
 
@@ -143,7 +148,7 @@ def convert_state_dict(sd: StateDict, model: nn.Module) -> StateDict:
             out[f"blocks.{m_gate.group(1)}.moe.gate.1.{m_gate.group(2)}"] = value
         elif key == "full_time":
             if timestep_ids is None:
-                raise ValueError(f"key 'full_time' {tuple(value.shape)}: a Switch-DiT checkpoint "
+                raise PretrainedMismatch(f"key 'full_time' {tuple(value.shape)}: a Switch-DiT checkpoint "
                                  f"cannot be loaded into {type(model).__name__}")
             _expect_table(key, value, timestep_ids, "the timestep list of Switch-DiT's gate table")
         elif key == "prior._unit_mapping":
@@ -174,7 +179,7 @@ def load_pretrained(model: nn.Module, source: Union[str, StateDict], use_ema: bo
     unexpected = sorted(k for k in sd if k not in own)
     if unexpected:
         k = unexpected[0]
-        raise ValueError(f"key {k!r} {tuple(sd[k].shape)} from {desc} has no place in "
+        raise PretrainedMismatch(f"key {k!r} {tuple(sd[k].shape)} from {desc} has no place in "
                          f"{type(model).__name__} ({len(unexpected)} such keys: "
                          f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''})")
     missing = sorted(k for k in own if k not in sd)
@@ -185,14 +190,14 @@ def load_pretrained(model: nn.Module, source: Union[str, StateDict], use_ema: bo
             if _EXPERT_KEY.match(k):
                 identity.append(k)
             continue
-        raise ValueError(f"key {k!r} {tuple(own[k].shape)} of {type(model).__name__} is missing from "
+        raise PretrainedMismatch(f"key {k!r} {tuple(own[k].shape)} of {type(model).__name__} is missing from "
                          f"{desc} ({len(missing)} missing keys)")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"key {k!r}: {desc} has shape {tuple(v.shape)}, "
+            raise PretrainedMismatch(f"key {k!r}: {desc} has shape {tuple(v.shape)}, "
                              f"{type(model).__name__} expects {tuple(own[k].shape)}")
         if v.is_floating_point() != own[k].is_floating_point():
-            raise ValueError(f"key {k!r}: {desc} holds {v.dtype}, the model {own[k].dtype}")
+            raise PretrainedMismatch(f"key {k!r}: {desc} holds {v.dtype}, the model {own[k].dtype}")
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v)
