@@ -15,7 +15,10 @@ Presets:
                     after 1,000 steps, 0.97 after 2,000; with lr 1e-3 it was 0.52 after 2,000.
     latent256-S/B/L/XL   the paper's ImageNet 256x256 setting on precomputed VAE latents (32x32x4,
                     patch 2 -> 256 tokens): AdamW lr 1e-4, no weight decay, global batch 256,
-                    EMA 0.9999, 400K steps, bf16 autocast on GPUs.
+                    EMA 0.9999, 400K steps, linear noise schedule, no gradient clipping, a fresh
+                    posterior sample and a random flip of each latent every step (as the official
+                    code); bf16 autocast on GPUs (--precision fp16 = the official fp16 + GradScaler).
+                    README "Differences from the official code" lists what still differs.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any, Dict, Optional
 DATA_KINDS = ("digits", "folder", "latents")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS = ("ddpm", "ddim")
+LATENT_SAMPLING = ("sample", "mean")
 
 
 @dataclass
@@ -52,8 +56,13 @@ class TrainConfig:
     num_classes: int = 1000
     hflip: bool = True                   # random horizontal flips (never for digits)
     latent_scale: float = 1.0            # latents on disk are already multiplied by the VAE factor
+    # latents stored as posteriors (encode_latents, format 2): "sample" draws mean + std * eps each
+    # step (the official recipe: latent_dist.sample()), "mean" uses the posterior mean
+    latent_sampling: str = "sample"
+    init_from: Optional[str] = None      # pretrained weights for a fresh run (models.load_pretrained)
     # diffusion
     diffusion_steps: int = 1000
+    # "linear" as DiT and the official Switch-DiT example script (its config's default is "cosine")
     noise_schedule: str = "linear"
     loss_weighting: str = "constant"
     # optimisation
@@ -64,7 +73,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = 0
-    grad_clip: float = 1.0               # max global grad norm; 0 disables clipping (norm still logged)
+    # max global grad norm; 0 disables clipping (the norm is still logged). Official Switch-DiT and
+    # DiT do not clip: 0 for the latent256 presets, 1.0 for the short high-lr digits runs
+    grad_clip: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False             # decay_t = min(ema_decay, (1 + t) / (10 + t))
     max_steps: int = 400_000
@@ -105,6 +116,8 @@ class TrainConfig:
             bad("data_path", f"data={self.data!r} needs --data-path")
         if self.precision not in PRECISIONS:
             bad("precision", f"must be one of {PRECISIONS}")
+        if self.latent_sampling not in LATENT_SAMPLING:
+            bad("latent_sampling", f"must be one of {LATENT_SAMPLING}")
         if self.sampler not in SAMPLERS:
             bad("sampler", f"must be one of {SAMPLERS}")
         if self.backend not in ("auto", "torch", "triton", "cuda", "grouped_mm"):
@@ -163,4 +176,4 @@ def default_results_dir(cfg: TrainConfig) -> str:
 # is written, how far it goes, or how the same maths is executed).
 RESUMABLE_OVERRIDES = frozenset({"max_steps", "results_dir", "log_every", "ckpt_every",
                                  "keep_checkpoints", "num_workers", "num_threads", "backend",
-                                 "moe_recompute", "compile"})
+                                 "moe_recompute", "compile", "init_from"})

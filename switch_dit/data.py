@@ -5,9 +5,9 @@ Every dataset yields (x, y): x float32 [C, H, W] in [-1, 1] for pixels (latents 
 - `DigitsDataset`: scikit-learn's 1,797 8x8 handwritten digits (10 classes), bundled with the
   package (no download), bilinearly upsampled to `image_size` (16 or 32), 1 channel.
 - `ImageFolderDataset`: one sub-folder per class (sorted names = labels), RGB, centre crop + resize.
-- `LatentDataset`: a folder written by `python -m switch_dit.encode_latents` (shards of
-  `latents_XXXXX.npy` [n, C, h, w] float16 + `labels_XXXXX.npy` [n] int64, memory-mapped, and
-  `meta.json`).
+- `LatentDataset`: a folder written by `python -m switch_dit.encode_latents` (float16 shards of
+  VAE posterior means and stds of each image and its flip, `labels_*.npy` [n] int64, memory-mapped,
+  and `meta.json`); `draw_latents` draws a view and a fresh posterior sample per training step.
 
 `ResumableDistributedSampler` is a DistributedSampler that can start in the middle of an epoch, so a
 resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -135,26 +135,44 @@ def read_latent_meta(root: str) -> dict:
 
 
 class LatentDataset(Dataset):
-    """Precomputed (already scaled) VAE latents, memory-mapped from .npy shards; float32 out."""
+    """Precomputed (already scaled) VAE latents, memory-mapped from .npy shards; float32 out.
+
+    Two layouts (see `switch_dit.encode_latents`):
+    - format 2 (meta "format": 2): `latents_*.npy` [n, V, C, h, w] posterior means of V views
+      (V = 2: the image and its horizontal flip) and, when meta "posterior" is true, `stds_*.npy`
+      [n, V, C, h, w] posterior standard deviations. An item is [V, S, C, h, w] with S = 2
+      (mean, std) or 1 (mean only); `draw_latents` turns a batch of them into training latents.
+    - format 1 (older folders): `latents_*.npy` [n, C, h, w], one fixed latent per item -> [C, h, w].
+    """
 
     def __init__(self, root: str):
         self.meta = read_latent_meta(root)
+        self.format = int(self.meta.get("format", 1))
+        self.posterior = self.format >= 2 and bool(self.meta.get("posterior", False))
         shards = sorted(f for f in os.listdir(root) if f.startswith("latents_") and f.endswith(".npy"))
         if not shards:
             raise ValueError(f"latent folder {root!r} has no latents_*.npy shards")
-        self.latents, self.labels, self.ends = [], [], []
+        self.latents, self.stds, self.labels, self.ends = [], [], [], []
+        want_dims = 5 if self.format >= 2 else 4
         total = 0
         for s in shards:
             lat = np.load(os.path.join(root, s), mmap_mode="r")
             lab = np.load(os.path.join(root, s.replace("latents_", "labels_")), mmap_mode="r")
-            if lat.ndim != 4 or lab.shape[0] != lat.shape[0]:
+            if lat.ndim != want_dims or lab.shape[0] != lat.shape[0]:
+                layout = "[n, V, C, h, w]" if want_dims == 5 else "[n, C, h, w]"
                 raise ValueError(f"shard {s} in {root!r}: latents {lat.shape} / labels {lab.shape} "
-                                 "do not match ([n, C, h, w] and [n])")
+                                 f"do not match ({layout} and [n])")
+            if self.posterior:
+                std = np.load(os.path.join(root, s.replace("latents_", "stds_")), mmap_mode="r")
+                if std.shape != lat.shape:
+                    raise ValueError(f"shard {s} in {root!r}: stds {std.shape} != means {lat.shape}")
+                self.stds.append(std)
             total += lat.shape[0]
             self.latents.append(lat)
             self.labels.append(lab)
             self.ends.append(total)
-        c, h, w = self.latents[0].shape[1:]
+        c, h, w = self.latents[0].shape[-3:]
+        self.views = int(self.latents[0].shape[1]) if self.format >= 2 else 1
         self.in_channels, self.image_size = int(c), int(h)
         self.num_classes = int(self.meta.get("num_classes", int(max(l.max() for l in self.labels)) + 1))
 
@@ -165,7 +183,36 @@ class LatentDataset(Dataset):
         s = bisect.bisect_right(self.ends, i)
         j = i - (self.ends[s - 1] if s else 0)
         x = torch.from_numpy(np.array(self.latents[s][j], dtype=np.float32))
+        if self.format >= 2:
+            parts = [x, torch.from_numpy(np.array(self.stds[s][j], dtype=np.float32))] \
+                if self.posterior else [x]
+            x = torch.stack(parts, dim=1)                                   # [V, S, C, h, w]
         return x, torch.tensor(int(self.labels[s][j]), dtype=torch.int64)
+
+
+def draw_latents(x: torch.Tensor, flip: bool = True, sample: bool = True,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Training latents [B, C, h, w] from a batch of format-2 items x [B, V, S, C, h, w].
+
+    Per sample: a view drawn uniformly when flip and V == 2 (the image or its horizontal flip, each
+    encoded by the VAE: the official pipeline flips the image, then encodes), else view 0; then a
+    fresh posterior sample mean + std * N(0, 1) when sample and S == 2 (the official code calls
+    `latent_dist.sample()` every step), else the mean. Randomness from `generator` or the global RNG
+    of x's device (which checkpoints capture, so resuming stays exact).
+    """
+    if x.dim() != 6:
+        raise ValueError(f"x must be [B, V, S, C, h, w] (format-2 latents), got {tuple(x.shape)}")
+    b, v = x.shape[:2]
+    if flip and v == 2:
+        view = (torch.rand(b, device=x.device, generator=generator) < 0.5).long()
+    else:
+        view = torch.zeros(b, dtype=torch.long, device=x.device)
+    picked = x[torch.arange(b, device=x.device), view]                      # [B, S, C, h, w]
+    mean = picked[:, 0]
+    if sample and picked.shape[1] == 2:
+        noise = torch.randn(mean.shape, device=x.device, dtype=mean.dtype, generator=generator)
+        return mean + picked[:, 1] * noise
+    return mean
 
 
 def build_dataset(cfg) -> Dataset:

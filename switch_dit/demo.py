@@ -105,12 +105,14 @@ def main(argv=None) -> int:
     c = ld.config
     x = generate(ld, grid_labels(c.num_classes, 10), num_sampling_steps=c.sample_steps,
                  cfg_scale=c.cfg_scale, sampler=c.sampler, seed=args.seed, progress=progress)
-    grid = save_grid(x, os.path.join(out_dir, "grid.png"), nrow=10)
+    grid = save_grid(x, os.path.join(out_dir, "grid.png"), nrow=10,
+                     row_labels=[str(i) for i in range(c.num_classes)])
     expert_map = None
     if hasattr(ld.model, "expert_routing_table"):
         expert_map = plot_expert_map(ld.model.expert_routing_table(),
                                      os.path.join(out_dir, "expert_map.png"),
-                                     title=f"{c.model} on digits, step {ld.step}: gate probability")
+                                     title=f"{c.model} on digits, step {ld.step}: gate probability",
+                                     k=ld.model.k)
     metrics = evaluate_checkpoint(latest, num_samples=args.num_eval_samples, seed=args.seed,
                                   device="cpu", progress=progress)
     t_eval = time.perf_counter() - t1

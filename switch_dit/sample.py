@@ -145,6 +145,20 @@ def grid_labels(num_classes: int, per_class: int, max_classes: int = 16) -> np.n
     return np.repeat(classes, per_class)
 
 
+FID_LABELS = ("balanced", "random")
+
+
+def fid_labels(num_samples: int, num_classes: int, mode: str = "balanced", seed: int = 0) -> np.ndarray:
+    """int64 [num_samples] class labels for FID samples: "balanced" = i mod num_classes (each class
+    equally often, lower variance); "random" = uniform draws (the official DiT / Switch-DiT
+    sample_ddp.py), from a numpy generator seeded with `seed`."""
+    if mode == "balanced":
+        return np.arange(num_samples, dtype=np.int64) % num_classes
+    if mode == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, num_samples, dtype=np.int64)
+    raise ValueError(f"mode must be one of {FID_LABELS}, got {mode!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="switch-dit-sample", description=__doc__.split("\n")[0],
                                 formatter_class=cli.HelpFormatter)
@@ -161,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=cli.non_negative_int, default=0,
                    help="with --npz: how many samples")
     p.add_argument("--npz", default=None, help="write uint8 samples + labels here (for FID tools)")
+    p.add_argument("--npz-labels", choices=FID_LABELS, default="balanced",
+                   help="labels of the --npz samples: balanced = every class equally often (i mod C); "
+                        "random = uniform draws seeded by --seed, as the official sample_ddp.py")
     p.add_argument("--expert-map", default=None, help="PNG heatmap of timestep -> expert gates")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=cli.positive_int, default=256,
@@ -221,9 +238,10 @@ def main(argv=None) -> int:
         labels = grid_labels(cfg.num_classes, args.per_class)
         x = generate(ld, labels, progress=progress, **kw)
         from .plots import save_grid
-        report["grid"] = save_grid(x, args.out, nrow=args.per_class)
+        report["grid"] = save_grid(x, args.out, nrow=args.per_class,
+                                   row_labels=[str(c) for c in labels[::args.per_class]])
     if args.npz:
-        labels = np.arange(args.num_samples) % cfg.num_classes
+        labels = fid_labels(args.num_samples, cfg.num_classes, args.npz_labels, args.seed)
         x = generate(ld, labels, progress=progress, **kw)
         from .plots import to_uint8
         os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
@@ -232,7 +250,8 @@ def main(argv=None) -> int:
     if args.expert_map:
         from .plots import plot_expert_map
         report["expert_map"] = plot_expert_map(ld.model.expert_routing_table(), args.expert_map,
-                                               title=f"{cfg.model} step {ld.step}: gate probability")
+                                               title=f"{cfg.model} step {ld.step}: gate probability",
+                                               k=ld.model.k)
     import json
     print(json.dumps(report))
     return 0

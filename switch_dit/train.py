@@ -6,16 +6,18 @@
     python -m switch_dit.train --resume auto --results-dir results/run   # continue where it stopped
 
 AdamW (the paper's lr 1e-4, betas 0.9/0.999, no weight decay unless a preset says otherwise), EMA
-of the weights, bf16/fp16 autocast (a GradScaler for fp16), global-norm gradient clipping, optional
-torch.compile. Loss = weighting(diffusion loss per sample, t) + the model's auxiliary loss (the
-Switch-DiT diffusion prior loss; none for DiT/DTR).
+of the weights, bf16/fp16 autocast (a GradScaler for fp16), optional global-norm gradient clipping
+(off in the latent256 presets, as in the official code), optional torch.compile, optional
+pretrained initial weights (--init-from). Loss = weighting(diffusion loss per sample, t) + the
+model's auxiliary loss (the Switch-DiT diffusion prior loss; none for DiT/DTR).
 
 Exact resume: a checkpoint holds model, EMA, optimiser, scaler, loss-weighting parameters, step, the
 RNG states of every rank and the resolved config; the data order is a function of (seed, step)
 (see data.infinite_batches), so stopping at step s and resuming gives bit-identical weights.
 
 Outputs in --results-dir: config.json, log.jsonl (step, loss, prior_loss, lr, images_per_sec,
-grad_norm per --log-every steps), ckpt_XXXXXXX.pt and latest.pt.
+grad_norm per --log-every steps; Switch-DiT adds experts_shared / experts_switching, the mean number
+of experts per block selected at every timestep / at some but not all), ckpt_XXXXXXX.pt and latest.pt.
 """
 from __future__ import annotations
 
@@ -174,11 +176,16 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
-        x = x.to(self.device, non_blocking=True) * cfg.latent_scale
+        x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if cfg.hflip:
+        if x.dim() == 6:  # stored VAE posteriors of each image and its flip: the official recipe
+            from .data import draw_latents
+
+            x = draw_latents(x, flip=cfg.hflip, sample=cfg.latent_sampling == "sample")
+        elif cfg.hflip:  # pixels, or older latent folders holding one latent per image
             flip = torch.rand(x.shape[0], device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = x * cfg.latent_scale
         factor = lr_at(cfg, self.step) / cfg.lr
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * factor
@@ -280,6 +287,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
             f"{cfg.results_dir} already holds a training run ({ckpt.LATEST}); resume it with "
             "--resume auto or pick another --results-dir (nothing was overwritten)")
     tr = Trainer(cfg, info)
+    if cfg.init_from and not resume:
+        from .models import load_pretrained
+
+        load_pretrained(tr.model, cfg.init_from, verbose=info.is_main)
+        tr.ema.load_state_dict(tr.model.state_dict())  # the EMA starts from the loaded weights
     log_path = os.path.join(cfg.results_dir, "log.jsonl")
     if resume:
         st = ckpt.load_checkpoint(resume, map_location=info.device)
@@ -340,6 +352,12 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
                         "lr": lr_at(cfg, tr.step - 1),
                         "images_per_sec": n_acc * cfg.global_batch_size / max(dt, 1e-9),
                         "grad_norm": vals["grad_norm"]}
+            if info.is_main and hasattr(tr.model, "expert_sharing"):
+                # the paper's expert-map statistic as numbers: experts per block selected at every
+                # timestep (shared) and at some but not all (switching with t)
+                sharing = tr.model.expert_sharing()
+                last_log["experts_shared"] = sharing["shared_mean"]
+                last_log["experts_switching"] = sharing["switching_mean"]
             # (an inf grad norm alone is an fp16 overflow step the GradScaler skipped)
             if not (math.isfinite(vals["loss"]) and math.isfinite(vals["prior_loss"])):
                 raise FloatingPointError(f"non-finite loss at step {tr.step}: {last_log}")
@@ -377,10 +395,12 @@ _FLAGS = {
     "--num-experts": ("num_experts", int), "--k": ("k", int),
     "--loss-weighting": ("loss_weighting", str), "--noise-schedule": ("noise_schedule", str),
     "--diffusion-steps": ("diffusion_steps", int), "--vae": ("vae_path", str),
+    "--init-from": ("init_from", str), "--latent-sampling": ("latent_sampling", str),
 }
 _CHOICES = {"--backend": ("auto", "triton", "torch"), "--data": ("digits", "folder", "latents"),
             "--precision": ("auto", "fp32", "bf16", "fp16"),
-            "--loss-weighting": ("constant", "min_snr", "uw"), "--noise-schedule": ("linear", "cosine")}
+            "--loss-weighting": ("constant", "min_snr", "uw"), "--noise-schedule": ("linear", "cosine"),
+            "--latent-sampling": ("sample", "mean")}
 # Parser types with a range (flags not listed: a finite float for float fields, else the plain type).
 _TYPES = {"--lr": cli.positive_float, "--weight-decay": cli.non_negative_float,
           "--grad-clip": cli.non_negative_float,
@@ -405,9 +425,14 @@ _HELP = {
     "--grad-clip": "max global gradient norm, 0 = off",
     "--ema-decay": "in [0, 1); paper 0.9999; digits uses warm-up",
     "--vae": "AutoencoderKL folder used to decode latent samples (sampling only)",
-    "--threads": "torch CPU threads (0 = torch's default)",
+    "--threads": "torch CPU threads (0 = torch's default; the digits preset uses 1)",
     "--loss-weighting": "per-timestep loss weighting: constant, min_snr (Min-SNR-5) or uw "
                         "(learned uncertainty weights, the official Switch-DiT recipe)",
+    "--init-from": "start a fresh run from these weights: a switch-dit checkpoint or results folder "
+                   "(EMA weights), an exported .safetensors, a DiT state dict (DiT-XL-2-256x256.pt; "
+                   "into Switch-DiT: identity experts) or an official Switch-DiT/DTR checkpoint",
+    "--latent-sampling": "posterior latents: sample = mean + std * eps each step (official), "
+                         "mean = the posterior mean",
 }
 
 
@@ -499,6 +524,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     cfg.results_dir = results_dir
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        parser.error(f"--init-from {cfg.init_from!r}: no such file or folder")
     try:
         cfg.validate()
     except ValueError as e:
@@ -576,9 +603,14 @@ def main(argv=None) -> int:
     cfg, resume = resolve_config(args, parser)
     check_run(cfg, resume, args, parser)
     info = dist_util.init_distributed(args.device)
+    from .models import PretrainedMismatch
+
     finished = False
     try:
-        out = train(cfg, resume=resume, info=info, progress=cli.show_progress(args.no_progress))
+        try:
+            out = train(cfg, resume=resume, info=info, progress=cli.show_progress(args.no_progress))
+        except PretrainedMismatch as e:  # raised before anything is written
+            parser.error(f"--init-from {cfg.init_from!r}: {e}")
         if info.is_main:
             print(json.dumps({"results_dir": out["results_dir"], "step": out["step"],
                               "checkpoint": out["checkpoint"], "last_log": out["last_log"]}))

@@ -113,28 +113,40 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_encode_folder_then_latent_dataset(tmp_path):
-    # A stand-in encoder (8x average pool, 4 channels) exercises sharding, flips and metadata
-    # without diffusers; the real command wraps AutoencoderKL.encode the same way.
+    # A stand-in encoder (8x average pool, 4 channels; std = |mean| / 4 + 0.01) exercises sharding,
+    # flips, the stored posterior and metadata without diffusers; tests/test_latents.py runs a
+    # real (tiny, random) AutoencoderKL through the command.
     from switch_dit.encode_latents import encode_folder
 
     _write_images(tmp_path / "img", {"a": [(32, 32)] * 3, "b": [(48, 40)] * 2})
 
     def encode(x):
-        return F.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4]
+        mean = F.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4]
+        return mean, mean.abs() / 4 + 0.01
 
     meta = encode_folder(encode, str(tmp_path / "img"), str(tmp_path / "lat"), 32, batch_size=2,
-                         flip=True, scale_factor=0.5, shard_size=4)
-    assert meta["num_latents_rank"] == 10 and meta["num_classes"] == 2
+                         flip=True, scale_factor=0.5, shard_size=4, progress=False)
+    assert meta["num_images_rank"] == 5 and meta["num_classes"] == 2 and meta["views"] == 2
     ds = LatentDataset(str(tmp_path / "lat"))
-    assert len(ds) == 10 and ds.in_channels == 4 and ds.image_size == 4 and ds.num_classes == 2
+    assert len(ds) == 5 and ds.in_channels == 4 and ds.image_size == 4 and ds.num_classes == 2
+    assert ds.posterior and ds.views == 2
     img = ImageFolderDataset(str(tmp_path / "img"), 32)
-    x0, y0 = ds[0]
-    expect = encode(img[0][0][None])[0] * 0.5
-    assert torch.allclose(x0, expect, atol=2e-3)  # float16 storage
-    # batch of 2 -> [enc(img0), enc(img1), enc(flip img0), enc(flip img1), ...]
-    assert torch.allclose(ds[2][0], encode(img[0][0].flip(-1)[None])[0] * 0.5, atol=2e-3)
-    assert sorted(int(ds[i][1]) for i in range(10)) == [0] * 6 + [1] * 4
+    for i in (0, 4):
+        x, y = ds[i]
+        assert x.shape == (2, 2, 4, 4, 4) and int(y) == int(img[i][1])
+        for view, image in enumerate((img[i][0], img[i][0].flip(-1))):
+            mean, std = encode(image[None])
+            assert torch.allclose(x[view, 0], mean[0] * 0.5, atol=2e-3)  # float16 storage
+            assert torch.allclose(x[view, 1], std[0] * 0.5, atol=2e-3)
     assert json.loads((tmp_path / "lat" / "meta.json").read_text())["scale_factor"] == 0.5
+    # the mean-only store: no stds files, items [V, 1, C, h, w]
+    encode_folder(encode, str(tmp_path / "img"), str(tmp_path / "mean"), 32, batch_size=2,
+                  flip=False, store="mean", progress=False)
+    dm = LatentDataset(str(tmp_path / "mean"))
+    assert not dm.posterior and dm.views == 1 and dm[0][0].shape == (1, 1, 4, 4, 4)
+    assert not list((tmp_path / "mean").glob("stds_*"))
+    with pytest.raises(ValueError, match="store"):
+        encode_folder(encode, str(tmp_path / "img"), str(tmp_path / "x"), 32, store="median")
 
 
 def test_latent_folder_errors(tmp_path):

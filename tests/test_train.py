@@ -190,7 +190,8 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     assert st["config"]["image_size"] == 8 and st["config"]["model"] == "SwitchDiT-S/2"
     log = _log(tmp_path / "run" / "log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert set(log[0]) == {"step", "loss", "prior_loss", "lr", "images_per_sec", "grad_norm"}
+    assert set(log[0]) == {"step", "loss", "prior_loss", "lr", "images_per_sec", "grad_norm",
+                           "experts_shared", "experts_switching"}  # Switch-DiT's gate statistic
     assert all(r["prior_loss"] > 0 for r in log)  # Switch-DiT's diffusion prior loss is on
     # EMA differs from the raw weights (decay < 1) but tracks them
     w, e = st["model"]["final_layer.linear.weight"], st["ema"]["final_layer.linear.weight"]

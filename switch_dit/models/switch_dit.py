@@ -18,7 +18,7 @@ parameter's ``data_ptr()`` and ``_version``, which in-place optimiser/EMA update
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,36 @@ from switch_dit_kernels import TimestepMoE, TimestepRouting
 from ..prior import PendingPriorMatch, diffusion_prior_loss, diffusion_prior_mask
 from .dit import DiT
 from .layers import DiTBlock
+
+
+def expert_sharing(probs: torch.Tensor, k: int) -> Dict[str, Any]:
+    """Which experts each block shares across all timesteps and which switch with t.
+
+    probs: gate probabilities [T, depth, E] (`SwitchDiT.expert_routing_table()`); an expert is
+    *selected* at t when it is among the top-k of that row. Per block b (lists of length depth):
+      shared[b]     experts selected at every timestep (the paper's shared experts),
+      switching[b]  experts selected at some timesteps but not all (timestep-specific ones),
+      unused[b]     experts never selected,
+      fraction[b]   [E] share of the T timesteps at which each expert is selected,
+      switches[b]   how many times the selected set changes along t = 0..T-1.
+    Plus the scalars logged during training: shared_mean and switching_mean (mean counts per block).
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be [num_timesteps, depth, E], got {tuple(probs.shape)}")
+    steps, depth, e = probs.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"k must be in [1, E={e}], got {k}")
+    ids = torch.topk(probs.detach().float().cpu(), k, dim=-1).indices           # [T, depth, k]
+    selected = torch.zeros(steps, depth, e, dtype=torch.bool).scatter_(-1, ids, True)
+    fraction = selected.float().mean(0)                                         # [depth, E]
+    changes = (selected[1:] != selected[:-1]).any(-1).sum(0)                    # [depth]
+    shared = [[j for j in range(e) if fraction[b, j] == 1.0] for b in range(depth)]
+    unused = [[j for j in range(e) if fraction[b, j] == 0.0] for b in range(depth)]
+    switching = [[j for j in range(e) if 0.0 < fraction[b, j] < 1.0] for b in range(depth)]
+    return {"shared": shared, "switching": switching, "unused": unused,
+            "fraction": fraction.tolist(), "switches": changes.tolist(),
+            "shared_mean": sum(map(len, shared)) / depth,
+            "switching_mean": sum(map(len, switching)) / depth}
 
 
 class GateTables(NamedTuple):
@@ -214,6 +244,12 @@ class SwitchDiT(DiT):
     def expert_routing_table(self) -> torch.Tensor:
         """Gate probabilities of every timestep and block: [num_timesteps, depth, E] float32."""
         return self.gate_tables().probs.float().clone()
+
+    @torch.no_grad()
+    def expert_sharing(self) -> Dict[str, Any]:
+        """`expert_sharing` of this model's gate table: per block, the experts shared across all
+        timesteps and those that switch with t."""
+        return expert_sharing(self.expert_routing_table(), self.k)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_experts={self.num_experts}, k={self.k}, "
