@@ -204,3 +204,18 @@ def test_load_hf_state_dict_names_missing_unused_and_misshaped_keys():
     with pytest.raises(ValueError, match="model_type"):
         MoE.from_hf_config(type("C", (), {"model_type": "llama", "hidden_act": "silu",
                                           "hidden_size": 8, "num_experts_per_tok": 1})())
+
+
+def test_sigmoid_moe_aux_loss_uses_normalised_scores():
+    moe = MoE(16, 6, 2, d_hidden=24, activation="swiglu", bias=False, score_func="sigmoid",
+              correction_bias=True, backend="torch", load_balance_coef=0.5)
+    x = torch.randn(37, 16)
+    moe(x)
+    scores = torch.sigmoid(moe.router(x).float())
+    probs = scores / scores.sum(-1, keepdim=True)
+    _, ids, _ = route(moe.router(x), 2, score_func="sigmoid",
+                      correction_bias=moe.e_score_correction_bias, backend="torch")
+    fraction = torch.bincount(ids.reshape(-1), minlength=6).float() / ids.numel()
+    expected = 6 * (fraction * probs.mean(0)).sum()
+    torch.testing.assert_close(moe.load_balance_loss, expected)
+    torch.testing.assert_close(moe.aux_loss, 0.5 * expected)

@@ -333,3 +333,50 @@ def test_importing_the_package_does_not_import_transformers():
     code = ("import sys, switch_dit_kernels, switch_dit_kernels.integrations.transformers; "
             "assert 'transformers' not in sys.modules, 'transformers imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens,k", [(1, 2), (24, 1), (40, 5)])  # T = 1; k = 1; k = E
+def test_experts_module_matches_eager_at_odd_sizes(tokens, k, backend, impl_names):
+    """The experts module alone, called as the MoE blocks call it; T = 1 leaves most experts
+    without rows."""
+    _, experts = _standalone_experts("mixtral")
+    num_experts, dim = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+    hidden = torch.randn(tokens, dim)
+    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k)
+    out64, grads64 = _run_experts(experts.double(), "eager", hidden.double(), ids,
+                                  weights.double())
+    out32, grads32 = _run_experts(experts.float(), "eager", hidden, ids, weights)
+    out, grads = _run_experts(experts, impl_names[backend], hidden, ids, weights)
+    assert_matches_reference("y", out, out64, out32, torch.float32)
+    for name in grads64:
+        assert_matches_reference(name, grads[name], grads64[name], grads32[name], torch.float32)
+
+
+def test_autocast_runs_experts_in_the_autocast_dtype(impl_names):
+    """Under autocast the kernels see autocast's dtype (custom Functions do not autocast by
+    themselves); the output keeps the hidden states' dtype, as eager's does."""
+    _, experts = _standalone_experts("mixtral")
+    hidden = torch.randn(24, experts.gate_up_proj.shape[2])
+    ids = torch.stack([torch.randperm(5)[:2] for _ in range(24)])
+    weights = torch.rand(24, 2)
+    seen = []
+    real = sdk_hf.expert_mlp
+
+    def spy(x, *args, **kwargs):
+        seen.append((x.dtype, args[0].dtype))
+        return real(x, *args, **kwargs)
+
+    sdk_hf.expert_mlp, saved = spy, sdk_hf.expert_mlp
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            experts.config._experts_implementation = "eager"
+            ref = experts(hidden, ids, weights)
+            experts.config._experts_implementation = impl_names["torch"]
+            out = experts(hidden, ids, weights)
+    finally:
+        sdk_hf.expert_mlp = saved
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
