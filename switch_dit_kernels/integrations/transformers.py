@@ -100,6 +100,10 @@ def unsupported_reason(experts: torch.nn.Module) -> Optional[str]:
                         f"sigmoid(alpha * g), g = clamp(gate, max=limit), limit={experts.limit}, "
                         f"alpha={experts.alpha}) on interleaved gate/up columns; expert_mlp has "
                         "no clamped activation")
+            limit = getattr(experts, "swiglu_limit", None)
+            if limit is not None:  # DeepSeek-V4, GLM-5-Next, HY-V4, MiniMax-M3: clamped gates
+                return (f"{cls}._apply_gate clamps the gate and up halves (swiglu_limit={limit}); "
+                        "expert_mlp has no clamped activation")
             return f"{cls} defines its own gate function {cls}._apply_gate"
         if not getattr(experts, "is_concatenated", True):
             return f"{cls} interleaves gate and up columns (is_concatenated=False)"
