@@ -11,7 +11,7 @@ import torch
 
 from switch_dit_kernels import MoE
 from switch_dit_kernels.routers import route
-from tests.moe_testing import assert_matches_reference
+from moe_testing import assert_matches_reference
 
 TINY = dict(vocab_size=61, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=2)

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from switch_dit_kernels import reference  # noqa: E402
 from switch_dit_kernels.integrations import transformers as sdk_hf  # noqa: E402
-from tests.moe_testing import assert_matches_reference  # noqa: E402
+from moe_testing import assert_matches_reference  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
 TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
