@@ -14,6 +14,7 @@ def test_quick_run_writes_rows_that_match_eager(tmp_path):
                         "--modes", "fwd,fwd_bwd", "--backend", "torch", "--json", str(path)])
     assert [(r["impl"], r["mode"]) for r in rows] == [
         ("eager", "fwd"), ("eager", "fwd_bwd"), ("switch_dit", "fwd"), ("switch_dit", "fwd_bwd")]
+    assert rows[0]["rel_err"] == 0.0  # eager against itself: the reference really is eager
     assert all("error" not in r and r["ms"] > 0 for r in rows)
     fwd = {r["impl"]: r for r in rows if r["mode"] == "fwd"}
     assert fwd["switch_dit"]["rel_err"] < 1e-5
