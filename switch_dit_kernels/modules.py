@@ -64,6 +64,8 @@ class MoE(nn.Module):
         shared_expert_hidden: width of an always-on shared expert (same activation, no biases;
             DeepSeek-V3: moe_intermediate_size * n_shared_experts) added to the output, or None.
         shared_expert_gate: scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen2-MoE).
+        router_float32: compute the router logits in float32 whatever x's dtype (DeepSeek-V3
+            does; with bf16 inputs the choice then matches HF's).
     HF checkpoints: `MoE.from_hf_config` and `load_hf_state_dict` (HF's parameter layouts).
 
     Shapes: forward(x [..., D]) -> [..., D]. After each forward, ``self.aux_loss`` (scalar tensor),
@@ -76,7 +78,8 @@ class MoE(nn.Module):
                  score_func: str = "softmax", router_bias: bool = False,
                  correction_bias: bool = False, num_groups: int = 1,
                  topk_groups: Optional[int] = None, routed_scaling_factor: float = 1.0,
-                 shared_expert_hidden: Optional[int] = None, shared_expert_gate: bool = False):
+                 shared_expert_hidden: Optional[int] = None, shared_expert_gate: bool = False,
+                 router_float32: bool = False):
         super().__init__()
         _check_layer_args(d_model, num_experts, k, backend)
         if d_hidden is not None:
@@ -95,6 +98,7 @@ class MoE(nn.Module):
         self.score_func, self.num_groups, self.topk_groups = score_func, num_groups, topk_groups
         self.routed_scaling_factor = routed_scaling_factor
         self.router = nn.Linear(d_model, num_experts, bias=router_bias)
+        self.router_float32 = bool(router_float32)
         # Steers the choice only, updated outside the optimiser (DeepSeek-V3): a buffer.
         self.register_buffer("e_score_correction_bias",
                              torch.zeros(num_experts) if correction_bias else None)
@@ -126,7 +130,11 @@ class MoE(nn.Module):
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
-        logits = self.router(tokens)
+        if self.router_float32:
+            bias = self.router.bias.float() if self.router.bias is not None else None
+            logits = F.linear(tokens.float(), self.router.weight.float(), bias)
+        else:
+            logits = self.router(tokens)
         topk_weights, topk_ids, scores = route(
             logits, self.k, score_func=self.score_func,
             correction_bias=self.e_score_correction_bias, num_groups=self.num_groups,

@@ -219,3 +219,32 @@ def test_sigmoid_moe_aux_loss_uses_normalised_scores():
     expected = 6 * (fraction * probs.mean(0)).sum()
     torch.testing.assert_close(moe.load_balance_loss, expected)
     torch.testing.assert_close(moe.aux_loss, 0.5 * expected)
+
+
+def test_deepseek_v3_bf16_routes_as_hf(monkeypatch):
+    """bf16 inputs: DeepSeek-V3's router runs in float32 (router_float32), so MoE picks the
+    experts HF picks and the outputs agree to bf16 precision."""
+    import switch_dit_kernels.modules as modules
+
+    config, block = _hf_block("deepseek_v3")
+    moe = MoE.from_hf_config(config, backend="torch")
+    moe.load_hf_state_dict(block.state_dict())
+    assert moe.router_float32
+    block, moe = block.to(torch.bfloat16), moe.to(torch.bfloat16)
+    block.gate.weight.data = block.gate.weight.data.float()  # HF keeps this router in float32
+    moe.router.float()  # a float32 router inside a bf16 MoE, as HF's checkpoints have it
+    chosen = []
+
+    def spy(logits, *args, **kwargs):
+        assert logits.dtype == torch.float32
+        out = route(logits, *args, **kwargs)
+        chosen.append(out[1])
+        return out
+
+    monkeypatch.setattr(modules, "route", spy)
+    x = torch.randn(4, 50, config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, _, hf_ids = block.gate(x)
+        out = moe(x)
+    assert torch.equal(chosen[0].sort(-1).values, hf_ids.sort(-1).values)
+    torch.testing.assert_close(out.float(), block(x).float(), rtol=5e-2, atol=5e-2)

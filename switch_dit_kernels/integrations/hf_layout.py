@@ -8,7 +8,7 @@ Reads plain attributes and tensors only, so it needs no transformers import. Cov
     olmoe        softmax top-k, renormalised when norm_topk_prob
     deepseek_v3  sigmoid + e_score_correction_bias, group-limited top-k (n_group, topk_group),
                  renormalised when norm_topk_prob, times routed_scaling_factor; n_shared_experts
-                 ungated shared experts
+                 ungated shared experts; router logits in float32
 Experts are SwiGLU MLPs without biases (hidden_act "silu"; "gelu_pytorch_tanh" -> "geglu").
 HF stores gate_up_proj as [E, 2I, D] (first I rows the gate) and down_proj as [E, D, I], the
 kernels' w1 / w2 are [E, D, 2I] / [E, I, D]: loading copies each transposed once.
@@ -51,7 +51,8 @@ def moe_kwargs_from_hf_config(config) -> Dict:
                     score_func="sigmoid", correction_bias=True, num_groups=config.n_group,
                     topk_groups=config.topk_group, renormalize=bool(config.norm_topk_prob),
                     routed_scaling_factor=float(config.routed_scaling_factor),
-                    shared_expert_hidden=(config.moe_intermediate_size * shared) or None)
+                    shared_expert_hidden=(config.moe_intermediate_size * shared) or None,
+                    router_float32=True)
     raise ValueError(f"config.model_type must be one of {_SOFTMAX_TYPES + ('deepseek_v3',)}, "
                      f"got {model_type!r}")
 
