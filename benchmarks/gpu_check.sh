@@ -22,6 +22,10 @@
 #                    the other files test on CPU tensors through the interpreter, CI's job)
 #   saved_act        python -m benchmarks.saved_activations (activation bytes per token; the CPU
 #                    count is in the repository, this checks it with CUDA's attention kernels)
+#   hf_moe           python -m benchmarks.hf_moe: a small transformers MoE (Qwen3-MoE shape, 64
+#                    experts, top-8), forward and forward+backward, eager vs grouped_mm vs
+#                    switch_dit (SWITCH_DIT_AUTOTUNE=$HF_MOE_AUTOTUNE, default 0: one config, so the
+#                    stage stays small); its table goes into summary.md (no file of its own)
 #   summary          markdown tables of every JSON (python -m benchmarks.plot --tables --no-png)
 #
 # Knobs (environment): OUT, PY (python3), BUDGET_S (470), SKIP_SETUP=1, SKIP_TESTS=1,
@@ -150,6 +154,10 @@ fi
 stage saved_act 30 "$PY" -m benchmarks.saved_activations --device "$DEVICE" \
   --json "$OUT/saved_activations.json"
 
+stage hf_moe 60 env SWITCH_DIT_AUTOTUNE="${HF_MOE_AUTOTUNE:-0}" "$PY" -m benchmarks.hf_moe \
+  --device "$DEVICE" ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} --budget-s "$(py_budget 60)"
+HF_MOE_TABLE="$(awk '/^impl  /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$TMPD/hf_moe.log" 2>/dev/null)"
+
 # ---- summary ---------------------------------------------------------------------------------
 {
   echo "# GPU check $(date -u '+%Y-%m-%d %H:%M UTC'), $(( $(date +%s) - START ))s"
@@ -163,6 +171,9 @@ done
 if (( ${#JSONS[@]} )); then
   timeout -k 5 30 "$PY" -m benchmarks.plot --tables --no-png "${JSONS[@]}" >> "$OUT/summary.md" 2>> "$LOG" \
     || echo "(tables failed: see gpu_check.log)" >> "$OUT/summary.md"
+fi
+if [[ "$HF_MOE_TABLE" == impl* ]]; then
+  { echo; echo "## hf_moe (benchmarks.hf_moe)"; echo; echo '```'; printf '%b\n' "$HF_MOE_TABLE"; echo '```'; } >> "$OUT/summary.md"
 fi
 { echo; echo "## Stages"; echo; cat "$STAGES"; } >> "$OUT/summary.md"
 rm -rf "$TMPD"

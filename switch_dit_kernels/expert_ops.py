@@ -147,7 +147,7 @@ def expert_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """Triton expert_linear: x [T, Din], weight [E, Din, Dout], bias [E, Dout] | None,
     topk_* [R, k] -> y [T, Dout] in x's dtype. Arguments are assumed valid (functional.py
     checks them)."""
-    return _ExpertLinear.apply(x.contiguous(), weight.contiguous(), _contig(bias), topk_weights,
+    return _ExpertLinear.apply(x.contiguous(), weight, _contig(bias), topk_weights,
                                topk_ids.contiguous(), tokens_per_route)
 
 
@@ -159,6 +159,6 @@ def expert_mlp_triton(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tens
     optional, topk_* [R, k] -> y [T, Dout] in x's dtype."""
     if activation not in ACT_CODES:
         raise ValueError(f"activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
-    return _ExpertMLP.apply(x.contiguous(), w1.contiguous(), _contig(b1), w2.contiguous(),
+    return _ExpertMLP.apply(x.contiguous(), w1, _contig(b1), w2,
                             _contig(b2), topk_weights, topk_ids.contiguous(), activation,
                             tokens_per_route)

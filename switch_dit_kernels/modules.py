@@ -7,9 +7,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backend import BACKENDS
-from .functional import expert_linear, expert_mlp, route_topk, switch_modulation
+from .functional import expert_linear, expert_mlp, switch_modulation
+from .reference import activation_fn
+from .routers import check_router_args, route
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -52,22 +55,53 @@ class MoE(nn.Module):
         load_balance_coef, z_loss_coef: weights of the Switch-Transformer load-balancing loss and
             the router z-loss in ``self.aux_loss`` (0 = off; the raw values are always recorded).
 
+    Router options (defaults: Switch/Mixtral's softmax top-k; see `routers.route`):
+        score_func: "softmax" or "sigmoid" (DeepSeek-V3).  router_bias: a bias in the router.
+        correction_bias: a buffer ``e_score_correction_bias`` [E] added to the scores for the
+            choice only (DeepSeek-V3's load balancing without an aux loss).
+        num_groups, topk_groups: group-limited top-k (experts in num_groups equal groups, only
+            the topk_groups best groups eligible).  routed_scaling_factor: multiplies the weights.
+        shared_expert_hidden: width of an always-on shared expert (same activation, no biases;
+            DeepSeek-V3: moe_intermediate_size * n_shared_experts) added to the output, or None.
+        shared_expert_gate: scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen2-MoE).
+        router_float32: compute the router logits in float32 whatever x's dtype (DeepSeek-V3
+            does; with bf16 inputs the choice then matches HF's).
+    HF checkpoints: `MoE.from_hf_config` and `load_hf_state_dict` (HF's parameter layouts).
+
     Shapes: forward(x [..., D]) -> [..., D]. After each forward, ``self.aux_loss`` (scalar tensor),
     ``self.load_balance_loss`` and ``self.z_loss`` hold the auxiliary losses of that call.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int, *, d_hidden: Optional[int] = None,
                  activation: str = "gelu_tanh", bias: bool = True, renormalize: bool = False,
-                 backend: str = "auto", load_balance_coef: float = 0.0, z_loss_coef: float = 0.0):
+                 backend: str = "auto", load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
+                 score_func: str = "softmax", router_bias: bool = False,
+                 correction_bias: bool = False, num_groups: int = 1,
+                 topk_groups: Optional[int] = None, routed_scaling_factor: float = 1.0,
+                 shared_expert_hidden: Optional[int] = None, shared_expert_gate: bool = False,
+                 router_float32: bool = False):
         super().__init__()
         _check_layer_args(d_model, num_experts, k, backend)
         if d_hidden is not None:
             _check_int("d_hidden", d_hidden)
+        check_router_args(num_experts, k, score_func, num_groups, topk_groups,
+                          routed_scaling_factor)
+        if shared_expert_hidden is not None:
+            _check_int("shared_expert_hidden", shared_expert_hidden)
+        elif shared_expert_gate:
+            raise ValueError("shared_expert_gate=True needs shared_expert_hidden (the shared "
+                             "expert's width)")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.d_hidden, self.activation = d_hidden, activation
         self.renormalize, self.backend = renormalize, backend
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.score_func, self.num_groups, self.topk_groups = score_func, num_groups, topk_groups
+        self.routed_scaling_factor = routed_scaling_factor
+        self.router = nn.Linear(d_model, num_experts, bias=router_bias)
+        self.router_float32 = bool(router_float32)
+        # Steers the choice only, updated outside the optimiser (DeepSeek-V3): a buffer.
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts) if correction_bias else None)
         if d_hidden is None:
             self.weight = nn.Parameter(torch.empty(num_experts, d_model, d_model))
             self.bias = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
@@ -77,6 +111,10 @@ class MoE(nn.Module):
             self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[2])) if bias else None
             self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
             self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.shared_expert = (SharedExpert(d_model, shared_expert_hidden, activation)
+                              if shared_expert_hidden is not None else None)
+        self.shared_expert_gate = (nn.Linear(d_model, 1, bias=False) if shared_expert_gate
+                                   else None)
         self.reset_parameters()
         self.aux_loss = self.load_balance_loss = self.z_loss = None
 
@@ -92,10 +130,17 @@ class MoE(nn.Module):
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
-        logits = self.router(tokens)
-        topk_weights, topk_ids = route_topk(logits, self.k, renormalize=self.renormalize,
-                                            backend=self.backend)
-        self._record_aux_losses(logits, topk_ids)
+        if self.router_float32:
+            bias = self.router.bias.float() if self.router.bias is not None else None
+            logits = F.linear(tokens.float(), self.router.weight.float(), bias)
+        else:
+            logits = self.router(tokens)
+        topk_weights, topk_ids, scores = route(
+            logits, self.k, score_func=self.score_func,
+            correction_bias=self.e_score_correction_bias, num_groups=self.num_groups,
+            topk_groups=self.topk_groups, renormalize=self.renormalize,
+            routed_scaling_factor=self.routed_scaling_factor, backend=self.backend)
+        self._record_aux_losses(logits, topk_ids, scores)
         dtype = _compute_dtype(tokens)
         xc = tokens.to(dtype)
         cast = lambda p: None if p is None else p.to(dtype)
@@ -105,13 +150,39 @@ class MoE(nn.Module):
         else:
             y = expert_mlp(xc, cast(self.w1), cast(self.b1), cast(self.w2), cast(self.b2),
                            topk_weights, topk_ids, activation=self.activation, backend=self.backend)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            y = y + shared.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
-    def _record_aux_losses(self, logits: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    @classmethod
+    def from_hf_config(cls, config, **overrides) -> "MoE":
+        """An MoE shaped like the sparse MoE block of a transformers config (mixtral, qwen2_moe,
+        qwen3_moe, olmoe, deepseek_v3); ``overrides`` (e.g. backend) win. Load the block's
+        weights with `load_hf_state_dict`. Reads attributes only: needs no transformers."""
+        from .integrations.hf_layout import moe_kwargs_from_hf_config
+        return cls(**{**moe_kwargs_from_hf_config(config), **overrides})
+
+    def load_hf_state_dict(self, state_dict, prefix: str = "") -> None:
+        """Copy a transformers sparse MoE block's parameters (``block.state_dict()``, keys
+        ``gate.weight``, ``experts.gate_up_proj`` [E, 2I, D], ``experts.down_proj`` [E, D, I],
+        ``gate.e_score_correction_bias``, ``shared_expert(s).*``, ``shared_expert_gate.weight``,
+        after ``prefix``) into this module; ValueError naming any missing or unused key."""
+        from .integrations.hf_layout import load_hf_moe_state_dict
+        load_hf_moe_state_dict(self, state_dict, prefix)
+
+    def _record_aux_losses(self, logits: torch.Tensor, topk_ids: torch.Tensor,
+                           scores: Optional[torch.Tensor] = None) -> None:
         """Switch Transformer load balance E * sum_e f_e P_e (f: share of the T*k assignments,
-        P: mean router probability) and z-loss mean(logsumexp(logits)^2)."""
+        P: mean router probability; sigmoid scores normalised per token) and z-loss
+        mean(logsumexp(logits)^2)."""
         logits = logits.float()
-        probs = torch.softmax(logits, dim=-1)
+        if self.score_func == "sigmoid" and scores is not None:
+            probs = scores / scores.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits, dim=-1)
         counts = torch.zeros(self.num_experts, device=logits.device, dtype=torch.float32)
         counts.scatter_add_(0, topk_ids.reshape(-1).long(),
                             torch.ones(topk_ids.numel(), device=logits.device))
@@ -121,8 +192,34 @@ class MoE(nn.Module):
         self.aux_loss = self.load_balance_coef * self.load_balance_loss + self.z_loss_coef * self.z_loss
 
     def extra_repr(self) -> str:
+        extra = "" if self.score_func == "softmax" else f", score_func={self.score_func!r}"
+        if self.num_groups > 1:
+            extra += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
-                f"d_hidden={self.d_hidden}, activation={self.activation!r}, backend={self.backend!r}")
+                f"d_hidden={self.d_hidden}, activation={self.activation!r}, "
+                f"backend={self.backend!r}{extra}")
+
+
+class SharedExpert(nn.Module):
+    """An always-on expert: Linear(D, H) -> act -> Linear(H, D) without biases; gated activations
+    ("swiglu", "geglu") use HF's ``gate_proj`` / ``up_proj`` / ``down_proj``, the others
+    ``up_proj`` / ``down_proj``. forward(x [T, D]) -> [T, D]."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        if activation in ("swiglu", "geglu"):
+            self.gate_proj = nn.Linear(d_model, d_hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, d_hidden, bias=False)
+        self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj(x)
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * up)
+        if self.activation == "geglu":
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * up)
+        return self.down_proj(activation_fn(self.activation, up))
 
 
 @dataclass
