@@ -8,6 +8,12 @@ Backends (see `backend.resolve_backend`):
     "auto"       -> "triton" for CUDA tensors (or under TRITON_INTERPRET=1), else "torch"
 Fast-path modules are imported lazily, so importing this package needs neither Triton nor the
 compiled extension.
+
+torch.compile: the "triton" backend always runs through the ``switch_dit::*`` torch.library ops
+(`ops.py`), and under torch.compile so does "torch" (the reference's data-dependent sizes stay
+inside the op); eagerly "torch" is plain autograd through `reference`. These functions are what
+torch.compile traces: argument checks read shapes and dtypes only, and the backend is resolved
+once per (backend, device, TRITON_INTERPRET) outside the trace (`_resolve`).
 """
 from __future__ import annotations
 
@@ -17,6 +23,29 @@ import torch
 
 from . import _validate, reference
 from .backend import resolve_backend
+
+
+@torch.compiler.assume_constant_result
+def _triton_setup_usable() -> bool:
+    """Whether "auto" may pick Triton off CUDA (TRITON_INTERPRET=1 with triton installed): a
+    constant of the process, read once by torch.compile instead of being traced into."""
+    return resolve_backend("auto", torch.empty(0)) == "triton"
+
+
+def _resolve(backend: str, *tensors: torch.Tensor) -> str:
+    """`resolve_backend`, traceable: under torch.compile "auto" and "triton" are settled from the
+    device and a constant (no importlib lookup or os.environ read inside the graph)."""
+    if not torch.compiler.is_compiling():
+        return resolve_backend(backend, *tensors)
+    on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    if backend == "auto":
+        return "triton" if on_cuda or _triton_setup_usable() else "torch"
+    return backend  # already validated by an eager call of the same module or function
+
+
+def _torch_via_op() -> bool:
+    """The torch backend goes through the ops only while compiling (see the module docstring)."""
+    return torch.compiler.is_compiling()
 
 
 def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backend: str = "auto"
@@ -33,7 +62,7 @@ def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backe
     num_experts = logits.shape[1]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an int in [1, E={num_experts}], got {k!r}")
-    impl = resolve_backend(backend, logits)
+    impl = _resolve(backend, logits)
     if impl == "triton":
         from .topk_ops import route_topk_triton
         return route_topk_triton(logits, k, renormalize=renormalize)
@@ -54,11 +83,10 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .expert_ops import expert_linear_triton
-        return expert_linear_triton(x, weight, bias, topk_weights, topk_ids,
-                                    tokens_per_route=tokens_per_route)
+    impl = _resolve(backend, x)
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        from .ops import expert_linear_op
+        return expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_linear_permuted
         return expert_linear_permuted(x, weight, bias, topk_weights, topk_ids,
@@ -83,11 +111,11 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     """
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .expert_ops import expert_mlp_triton
-        return expert_mlp_triton(x, w1, b1, w2, b2, topk_weights, topk_ids,
-                                 activation=activation, tokens_per_route=tokens_per_route)
+    impl = _resolve(backend, x)
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        from .ops import expert_mlp_op
+        return expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
+                             tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_mlp_permuted
         return expert_mlp_permuted(x, w1, b1, w2, b2, topk_weights, topk_ids,
@@ -118,11 +146,12 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_switch_modulation(x, weight, bias, topk_weights, topk_ids)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .modulation_ops import switch_modulation_triton
-        return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids,
-                                        recompute=recompute)
+    impl = _resolve(backend, x)
+    if impl == "triton" and (x.dtype == torch.float64 or x.numel() == 0):
+        impl = "torch"  # no fp64 tl.dot path we test; an empty x has nothing to launch
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        from .ops import switch_modulation_op
+        return switch_modulation_op(x, weight, bias, topk_weights, topk_ids, impl, recompute)
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
         rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens
