@@ -13,8 +13,10 @@ pre-activation, Switch-DiT's y) is an op output, empty ([0, ...]) when the calle
 be needed. The routing metadata (a sort of R*k ids) is rebuilt in the backward instead of being
 carried: four small tensors less on the graph, one O(R*k) sort more.
 
-The "torch" backend of the ops runs `reference` inside the op (its backward: ``torch.func.vjp``
-of the reference); `functional` uses it under torch.compile only. Eagerly the torch backend stays
+The "torch" backend of the ops runs `reference` inside the op (its backward: autograd through the
+reference, run inside the backward op with the autograd dispatch keys switched back on;
+``torch.func.vjp`` there fails under the dispatch modes opcheck and others use); `functional` uses it
+under torch.compile only. Eagerly the torch backend stays
 plain autograd through `reference`, which is also what makes its second-order gradients exact.
 
 Second-order gradients: route_topk's backward is differentiable torch ops (exact). The expert and
@@ -72,25 +74,32 @@ def _fake_grads(needs: Sequence[bool], likes: Sequence[Optional[Tensor]]) -> Lis
             for need, like in zip(needs, likes)]
 
 
+def _autograd_keys_on():
+    """A context that turns the dispatcher's autograd keys back on: an op's implementation runs
+    with them excluded, so plain autograd inside it would record no graph."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor",
+                "ADInplaceOrView"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def _vjp(fn, primals: Sequence[Optional[Tensor]], needs: Sequence[bool], cotangent: Tensor
          ) -> List[Optional[Tensor]]:
     """Gradients of fn(*primals) for the primals flagged in ``needs`` (None for the others), by
-    torch.func.vjp, which runs autograd inside an op's implementation (where the dispatcher has
-    turned the autograd keys off, so plain torch.autograd.grad would see no graph)."""
+    autograd run inside an op's implementation (the torch backend's backward)."""
     wanted = [i for i, (p, need) in enumerate(zip(primals, needs)) if need and p is not None]
-    if not wanted:
-        return [None] * len(primals)
-
-    def partial(*diff):
-        args = list(primals)
-        for i, t in zip(wanted, diff):
-            args[i] = t
-        return fn(*args)
-
-    _, pullback = torch.func.vjp(partial, *(primals[i] for i in wanted))
     grads: List[Optional[Tensor]] = [None] * len(primals)
-    for i, g in zip(wanted, pullback(cotangent)):
-        grads[i] = g
+    if not wanted:
+        return grads
+    with _autograd_keys_on(), torch.enable_grad():
+        args = [p.detach() if p is not None else None for p in primals]
+        for i in wanted:
+            args[i].requires_grad_(True)
+        out = fn(*args)
+        found = torch.autograd.grad(out, [args[i] for i in wanted], cotangent, allow_unused=True)
+    for i, g in zip(wanted, found):
+        grads[i] = g if g is not None else torch.zeros_like(primals[i])
     return grads
 
 
