@@ -152,3 +152,25 @@ def test_switch_dit_training_step_compiles_whole(backend):
     params = [p for p in model.parameters() if p.requires_grad]
     assert_compiles_whole(step, [x, t, y, torch.randn_like(x), match], params, rtol=1e-4,
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dynamic_shapes_reuse_one_graph(backend):
+    # dynamic=True: the fake kernels' shapes are symbolic in T, so new token counts (odd ones
+    # included) reuse the compiled graph; results equal eager ones for each.
+    weight, bias = leaf(5, 8, 6), leaf(5, 6)
+
+    def fn(x, logits):
+        gates, ids = sdk.route_topk(logits, 2, backend=backend)
+        return sdk.expert_linear(x, weight, bias, gates, ids, backend=backend)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    for tokens in (12, 7, 37):
+        args = [leaf(tokens, 8), leaf(tokens, 5)]
+        got, got_grads = run_and_grads(compiled, args, [weight, bias])
+        want, want_grads = run_and_grads(fn, args, [weight, bias])
+        torch.testing.assert_close(got, want)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
