@@ -13,7 +13,7 @@ torch.compile: the "triton" backend always runs through the ``switch_dit::*`` to
 (`ops.py`), and under torch.compile so does "torch" (the reference's data-dependent sizes stay
 inside the op); eagerly "torch" is plain autograd through `reference`. These functions are what
 torch.compile traces: argument checks read shapes and dtypes only, and the backend is resolved
-once per (backend, device, TRITON_INTERPRET) outside the trace (`_resolve`).
+once per (backend, device, TRITON_INTERPRET) outside the trace (`_resolve_traceable`).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _triton_setup_usable() -> bool:
     return resolve_backend("auto", torch.empty(0)) == "triton"
 
 
-def _resolve(backend: str, *tensors: torch.Tensor) -> str:
+def _resolve_traceable(backend: str, *tensors: torch.Tensor) -> str:
     """`resolve_backend`, traceable: under torch.compile "auto" and "triton" are settled from the
     device and a constant (no importlib lookup or os.environ read inside the graph)."""
     if not torch.compiler.is_compiling():
@@ -62,7 +62,7 @@ def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backe
     num_experts = logits.shape[1]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an int in [1, E={num_experts}], got {k!r}")
-    impl = _resolve(backend, logits)
+    impl = _resolve_traceable(backend, logits)
     if impl == "triton":
         from .topk_ops import route_topk_triton
         return route_topk_triton(logits, k, renormalize=renormalize)
@@ -83,7 +83,7 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
-    impl = _resolve(backend, x)
+    impl = _resolve_traceable(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
         from .ops import expert_linear_op
         return expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
@@ -111,7 +111,7 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     """
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
-    impl = _resolve(backend, x)
+    impl = _resolve_traceable(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
         from .ops import expert_mlp_op
         return expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
@@ -146,7 +146,7 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_switch_modulation(x, weight, bias, topk_weights, topk_ids)
-    impl = _resolve(backend, x)
+    impl = _resolve_traceable(backend, x)
     if impl == "triton" and (x.dtype == torch.float64 or x.numel() == 0):
         impl = "torch"  # no fp64 tl.dot path we test; an empty x has nothing to launch
     if impl == "triton" or (impl == "torch" and _torch_via_op()):

@@ -174,3 +174,17 @@ def test_dynamic_shapes_reuse_one_graph(backend):
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a bad id is a device-side assert")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_ops_refuse_expert_ids_out_of_range(backend):
+    # The ids' values are checked inside the ops' real implementations: a compiled graph (no
+    # graph break for the check) still raises the ValueError naming topk_ids.
+    gates, ids = routing(6, 5, 2)
+    ids[4, 0] = 5
+    x, weight = leaf(6, 8), leaf(5, 8, 8)
+    compiled = torch.compile(lambda x, w, g: sdk.expert_linear(x, w, None, g, ids, backend=backend),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="topk_ids"):
+        compiled(x, weight, gates)
