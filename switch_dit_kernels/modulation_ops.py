@@ -29,18 +29,15 @@ def modulation_backward(grad_r: torch.Tensor, x: torch.Tensor, weight: torch.Ten
                         bias: Optional[torch.Tensor], topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor, y: Optional[torch.Tensor], needs: Sequence[bool]):
     """(dx, dW, db, dg) of r = x * (1 + y), None where ``needs`` (x, weight, bias, topk_weights)
-    says no. ``y`` is the forward's, or None (recompute: one more forward GEMM). Never written:
-    the kernel overwrites its y buffer with u = dR * x, so a kept y is copied first."""
+    says no. ``y`` is the forward's (contiguous), or None (recompute: one more forward GEMM); it
+    is OVERWRITTEN with u = dR * x, the kernel's buffer (`ops` copies it when it must not be)."""
     from .kernels.switch_modulation import switch_modulation_fwd
     from .kernels.switch_modulation_bwd import switch_modulation_bwd
     need_x, need_w, need_b, need_g = needs
     need_params = need_w or need_b or need_g
-    if need_x:
-        # y stays an op output autograd may hold (retain_graph, a compiled graph's activation):
-        # the copy is the kernel's u buffer, freed when the backward returns.
-        y = (y.contiguous().clone() if y is not None else
-             switch_modulation_fwd(x, weight, bias, topk_weights, topk_ids, store_y=True)[1])
-    else:  # parameters only: a buffer for u = dR * x
+    if y is None and need_x:
+        y = switch_modulation_fwd(x, weight, bias, topk_weights, topk_ids, store_y=True)[1]
+    elif y is None:  # parameters only: a buffer for u = dR * x
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
     dx, dw, db, dg = switch_modulation_bwd(grad_r, x, weight, bias, topk_weights, topk_ids, y,
                                            need_dx=need_x, need_params=need_params)

@@ -4,6 +4,7 @@
     switch_dit::expert_linear       (backend "triton"/"torch")  + switch_dit::expert_linear_backward
     switch_dit::expert_mlp          (backend "triton"/"torch")  + switch_dit::expert_mlp_backward
     switch_dit::switch_modulation   (backend "triton"/"torch")  + switch_dit::switch_modulation_backward
+                                                                   (eager, private y: ..._backward_)
 
 Each op has a fake kernel (shapes and dtypes only), so torch.compile traces a model through it as
 one node and never into Triton launchers (``data_ptr``, autotuning) or into the reference's
@@ -101,6 +102,14 @@ def _vjp(fn, primals: Sequence[Optional[Tensor]], needs: Sequence[bool], cotange
     for i, g in zip(wanted, found):
         grads[i] = g if g is not None else torch.zeros_like(primals[i])
     return grads
+
+
+def _plain_eager(t: Tensor) -> bool:
+    """True when ``t`` is a plain tensor outside any tracing (no fake/functional tensor subclass,
+    no dispatch mode, not inside torch.compile)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
 
 
 def _refuse_double_backward(op_name: str):
@@ -343,9 +352,12 @@ def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
 
 @torch.library.custom_op("switch_dit::switch_modulation", mutates_args=())
 def switch_modulation_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             topk_weights: Tensor, topk_ids: Tensor, backend: str, keep_y: bool
-                             ) -> Tuple[Tensor, Tensor]:
-    """(r [B, N, D], y): y = x W~ + b~ [B, N, D] when ``keep_y`` on "triton", else [0, N, D]."""
+                             topk_weights: Tensor, topk_ids: Tensor, backend: str, keep_y: bool,
+                             y_private: bool = False) -> Tuple[Tensor, Tensor]:
+    """(r [B, N, D], y): y = x W~ + b~ [B, N, D] when ``keep_y`` on "triton", else [0, N, D].
+
+    ``y_private``: the caller drops y unread (as `switch_modulation_op` does), so the eager
+    backward may overwrite it as the kernel's u buffer instead of copying it first."""
     _check_backend(backend)
     _validate.check_topk_ids_values(topk_ids, weight.shape[0])
     if backend == "torch":
@@ -357,16 +369,14 @@ def switch_modulation_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 @switch_modulation_fwd_op.register_fake
-def _switch_modulation_fake(x, weight, bias, topk_weights, topk_ids, backend, keep_y):
+def _switch_modulation_fake(x, weight, bias, topk_weights, topk_ids, backend, keep_y,
+                            y_private=False):
     kept = backend == "triton" and keep_y
     return torch.empty_like(x), x.new_empty((x.shape[0] if kept else 0, *x.shape[1:]))
 
 
-@torch.library.custom_op("switch_dit::switch_modulation_backward", mutates_args=())
-def switch_modulation_bwd_op(grad_r: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             topk_weights: Tensor, topk_ids: Tensor, y: Tensor, backend: str,
-                             needs: List[bool]) -> List[Tensor]:
-    """[dx, dW, db, d(topk_weights)] for the inputs flagged in ``needs``, [0] for the others."""
+def _switch_modulation_grads(grad_r, x, weight, bias, topk_weights, topk_ids, y, backend, needs):
+    """Both backward ops' body; on "triton" ``y`` (kept or [0, N, D]) becomes the u buffer."""
     likes = (x, weight, bias, topk_weights)
     if backend == "torch":
         def fn(x_, w_, b_, g_):
@@ -377,18 +387,49 @@ def switch_modulation_bwd_op(grad_r: Tensor, x: Tensor, weight: Tensor, bias: Op
     return _grads_or_empty(grads, likes)
 
 
-@switch_modulation_bwd_op.register_fake
+@torch.library.custom_op("switch_dit::switch_modulation_backward", mutates_args=())
+def switch_modulation_bwd_op(grad_r: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             topk_weights: Tensor, topk_ids: Tensor, y: Tensor, backend: str,
+                             needs: List[bool]) -> List[Tensor]:
+    """[dx, dW, db, d(topk_weights)] for the inputs flagged in ``needs``, [0] for the others.
+    Functional: a kept y is copied before the kernel overwrites it (traced backwards,
+    create_graph=True, a y the caller can still see)."""
+    return _switch_modulation_grads(grad_r, x, weight, bias, topk_weights, topk_ids,
+                                    y.clone() if y.shape[0] > 0 else y, backend, needs)
+
+
+@torch.library.custom_op("switch_dit::switch_modulation_backward_", mutates_args=("y",))
+def switch_modulation_bwd_inplace_op(grad_r: Tensor, x: Tensor, weight: Tensor,
+                                     bias: Optional[Tensor], topk_weights: Tensor,
+                                     topk_ids: Tensor, y: Tensor, backend: str, needs: List[bool]
+                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`switch_modulation_bwd_op` that OVERWRITES y with u = dR * x (the kernel's buffer): the
+    eager backward of a private y, handed over by the autograd node. It saves the copy, an
+    x-sized read and write (about a quarter of the bytes the Triton backward moves). A mutating
+    op carries no autograd formula: create_graph=True takes the functional op."""
+    # A tuple, not a list: functionalization (auto_functionalize) takes no Tensor[] output from
+    # a mutating op.
+    return tuple(_switch_modulation_grads(grad_r, x, weight, bias, topk_weights, topk_ids, y,
+                                          backend, needs))
+
+
 def _switch_modulation_bwd_fake(grad_r, x, weight, bias, topk_weights, topk_ids, y, backend,
                                 needs):
     return _fake_grads(needs, (x, weight, bias, topk_weights))
 
 
+switch_modulation_bwd_op.register_fake(_switch_modulation_bwd_fake)
+switch_modulation_bwd_inplace_op.register_fake(
+    lambda *args: tuple(_switch_modulation_bwd_fake(*args)))
+
+
 def _switch_modulation_setup(ctx, inputs, output) -> None:
-    x, weight, bias, topk_weights, topk_ids, backend, _keep_y = inputs
+    x, weight, bias, topk_weights, topk_ids, backend, _keep_y = inputs[:7]
     ctx.save_for_backward(x, weight, bias, topk_weights, topk_ids)
     ctx.backend = backend
-    # y (x-sized) is held on the node, not in saved_tensors, so that the first backward can drop
-    # it (retain_graph: a second backward recomputes it) and tests can see whether it is kept.
+    ctx.y_private = len(inputs) > 7 and inputs[7]
+    # y (x-sized) is held on the node, not in saved_tensors: the first backward takes it (a
+    # retain_graph second backward recomputes it), and tests can see whether it is kept.
     ctx.y = _kept(output[1])
 
 
@@ -398,9 +439,15 @@ def _switch_modulation_backward(ctx, grad_r, _grad_y):
     if grad_r is None or not any(needs):
         return (None,) * 7
     y, ctx.y = ctx.y, None
-    grads = switch_modulation_bwd_op(grad_r, x, weight, bias, topk_weights, topk_ids,
-                                     _or_empty(y, x, *x.shape[1:]), ctx.backend, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+    # Overwrite y in place only when nobody else can read it: private, eager (a traced backward
+    # may not mutate a forward output) and without create_graph (grad mode on in a backward):
+    # the functional op's autograd is what refuses double backward with a clear error.
+    in_place = (ctx.y_private and y is not None and not torch.is_grad_enabled()
+                and _plain_eager(grad_r))
+    op = switch_modulation_bwd_inplace_op if in_place else switch_modulation_bwd_op
+    grads = op(grad_r, x, weight, bias, topk_weights, topk_ids, _or_empty(y, x, *x.shape[1:]),
+               ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
 switch_modulation_fwd_op.register_autograd(_switch_modulation_backward,
@@ -414,7 +461,8 @@ def switch_modulation_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk
     """switch_modulation through ``switch_dit::switch_modulation`` (arguments already checked):
     keeps y only when x will need a gradient and ``recompute`` is off."""
     keep_y = torch.is_grad_enabled() and x.requires_grad and not recompute
-    return switch_modulation_fwd_op(x, weight, bias, topk_weights, topk_ids, backend, keep_y)[0]
+    return switch_modulation_fwd_op(x, weight, bias, topk_weights, topk_ids, backend, keep_y,
+                                    y_private=True)[0]
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:

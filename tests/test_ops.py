@@ -63,13 +63,31 @@ def test_opcheck_switch_modulation(backend, shared, grad):
     torch.library.opcheck(ops.switch_modulation_fwd_op, args)
 
 
-def test_opcheck_switch_modulation_backward():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_opcheck_switch_modulation_backward(in_place):
     gates, ids = routing(3, 4, 2)
     x, w, b = rand(3, 5, 24), rand(4, 24, 24, scale=0.2), rand(4, 24)
     y = ops.switch_modulation_fwd_op(x, w, b, gates, ids, "triton", True)[1]
-    torch.library.opcheck(ops.switch_modulation_bwd_op,
-                          (rand(3, 5, 24), x, w, b, gates, ids, y, "triton",
-                           [True, False, True, True]))
+    op = ops.switch_modulation_bwd_inplace_op if in_place else ops.switch_modulation_bwd_op
+    torch.library.opcheck(op, (rand(3, 5, 24), x, w, b, gates, ids, y, "triton",
+                               [True, False, True, True]))
+
+
+def test_switch_modulation_backward_overwrites_only_a_private_y(monkeypatch):
+    # The public path hands y to the in-place backward op (no x-sized copy); a caller of the raw
+    # op who keeps y (y_private=False) gets it back untouched after backward.
+    gates, ids = routing(3, 4, 2)
+    x, w = rand(3, 5, 24, grad=True), rand(4, 24, 24, scale=0.2, grad=True)
+    used = []
+    for name in ("switch_modulation_bwd_op", "switch_modulation_bwd_inplace_op"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _o=original, _n=name: used.append(_n) or _o(*a))
+    sdk.switch_modulation(x, w, None, gates, ids, backend="triton").sum().backward()
+    assert used == ["switch_modulation_bwd_inplace_op"]
+    r, y = ops.switch_modulation_fwd_op(x, w, None, gates, ids, "triton", True)
+    kept = y.detach().clone()
+    r.sum().backward()
+    assert used[-1] == "switch_modulation_bwd_op" and torch.equal(y.detach(), kept)
 
 
 @pytest.mark.parametrize("grad", [False, True])
