@@ -188,3 +188,26 @@ def test_compiled_ops_refuse_expert_ids_out_of_range(backend):
                              backend="aot_eager", fullgraph=True)
     with pytest.raises(ValueError, match="topk_ids"):
         compiled(x, weight, gates)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("triton", marks=pytest.mark.gpu)])  # interpreted Triton: ~1 min here
+def test_inductor_compiles_the_ops(backend):
+    # The default backend: inductor lowers the graph around the ops (fallback kernels for them).
+    gates, ids = routing(3, 4, 2)
+    args = [leaf(3, 5, 16), leaf(4, 16, 16, scale=0.2), leaf(4, 16), gates, leaf(12, 16),
+            leaf(5, 16, 8, scale=0.3), leaf(12, 5)]
+
+    def fn(x, w, b, g, tokens, experts, logits):
+        r = sdk.switch_modulation(x, w, b, g, ids, backend=backend)
+        token_gates, token_ids = sdk.route_topk(logits, 2, backend=backend)
+        y = sdk.expert_linear(tokens, experts, None, token_gates, token_ids, backend=backend)
+        return r.square().sum() + y.square().sum()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    got, got_grads = run_and_grads(compiled, args)
+    want, want_grads = run_and_grads(fn, args)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
