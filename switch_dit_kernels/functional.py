@@ -2,18 +2,19 @@
 
 Backends (see `backend.resolve_backend`):
     "torch"      -> `switch_dit_kernels.reference` (plain PyTorch, autograd as usual)
-    "triton"     -> the Triton kernels behind torch.autograd.Functions
+    "triton"     -> the Triton kernels behind the ``switch_dit::*`` torch.library ops (`ops.py`)
     "cuda"       -> the optional csrc permutation + per-expert torch GEMMs (expert_linear/expert_mlp)
     "grouped_mm" -> permutation + torch._grouped_mm (bf16, sm_90+)
     "auto"       -> "triton" for CUDA tensors (or under TRITON_INTERPRET=1), else "torch"
 Fast-path modules are imported lazily, so importing this package needs neither Triton nor the
-compiled extension.
+compiled extension; the ``switch_dit::*`` ops are registered on import (`ops.py` imports no
+Triton), so ``torch.ops.switch_dit`` is there for exported or saved graphs.
 
 torch.compile: the "triton" backend always runs through the ``switch_dit::*`` torch.library ops
 (`ops.py`), and under torch.compile so does "torch" (the reference's data-dependent sizes stay
 inside the op); eagerly "torch" is plain autograd through `reference`. These functions are what
 torch.compile traces: argument checks read shapes and dtypes only, and the backend is resolved
-once per (backend, device, TRITON_INTERPRET) outside the trace (`_resolve_traceable`).
+without tracing into importlib (`_resolve_traceable`).
 """
 from __future__ import annotations
 
@@ -21,26 +22,27 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _validate, reference
-from .backend import resolve_backend
+from . import _validate, ops, reference
+from .backend import BACKENDS, resolve_backend, triton_available, triton_interpreting
 
 
-@torch.compiler.assume_constant_result
-def _triton_setup_usable() -> bool:
-    """Whether "auto" may pick Triton off CUDA (TRITON_INTERPRET=1 with triton installed): a
-    constant of the process, read once by torch.compile instead of being traced into."""
-    return resolve_backend("auto", torch.empty(0)) == "triton"
+# Whether the `triton` package can be found: a find_spec at import (Triton itself is not imported),
+# so that traced code reads a constant instead of tracing into importlib.
+_TRITON_INSTALLED = triton_available()
 
 
 def _resolve_traceable(backend: str, *tensors: torch.Tensor) -> str:
     """`resolve_backend`, traceable: under torch.compile "auto" and "triton" are settled from the
-    device and a constant (no importlib lookup or os.environ read inside the graph)."""
+    device, TRITON_INTERPRET and an import-time constant (no importlib lookup in the graph)."""
     if not torch.compiler.is_compiling():
         return resolve_backend(backend, *tensors)
     on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    triton_usable = _TRITON_INSTALLED and (on_cuda or triton_interpreting())
     if backend == "auto":
-        return "triton" if on_cuda or _triton_setup_usable() else "torch"
-    return backend  # already validated by an eager call of the same module or function
+        return "triton" if triton_usable else "torch"
+    if backend not in BACKENDS or (backend == "triton" and not triton_usable):
+        return resolve_backend(backend, *tensors)  # raises its error naming what is missing
+    return backend
 
 
 def _torch_via_op() -> bool:
@@ -85,8 +87,7 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
     impl = _resolve_traceable(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
-        from .ops import expert_linear_op
-        return expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
+        return ops.expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_linear_permuted
         return expert_linear_permuted(x, weight, bias, topk_weights, topk_ids,
@@ -113,8 +114,7 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
                                tokens_per_route)
     impl = _resolve_traceable(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
-        from .ops import expert_mlp_op
-        return expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
+        return ops.expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                              tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_mlp_permuted
@@ -150,8 +150,7 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if impl == "triton" and (x.dtype == torch.float64 or x.numel() == 0):
         impl = "torch"  # no fp64 tl.dot path we test; an empty x has nothing to launch
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
-        from .ops import switch_modulation_op
-        return switch_modulation_op(x, weight, bias, topk_weights, topk_ids, impl, recompute)
+        return ops.switch_modulation_op(x, weight, bias, topk_weights, topk_ids, impl, recompute)
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
         rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens
