@@ -95,6 +95,7 @@ def test_opcheck_route_topk(grad):
     torch.library.opcheck(ops.route_topk_op, (rand(37, 7, grad=grad), 3, True))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA a bad id is a device-side assert")
 def test_ops_refuse_expert_ids_out_of_range():
     # Called directly (an integration's entry point), the op itself checks the ids' values.
     gates, ids = routing(5, 7, 2)
