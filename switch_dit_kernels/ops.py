@@ -14,11 +14,11 @@ pre-activation, Switch-DiT's y) is an op output, empty ([0, ...]) when the calle
 be needed. The routing metadata (a sort of R*k ids) is rebuilt in the backward instead of being
 carried: four small tensors less on the graph, one O(R*k) sort more.
 
-The "torch" backend of the ops runs `reference` inside the op (its backward: autograd through the
-reference, run inside the backward op with the autograd dispatch keys switched back on;
-``torch.func.vjp`` there fails under the dispatch modes opcheck and others use); `functional` uses it
-under torch.compile only. Eagerly the torch backend stays
-plain autograd through `reference`, which is also what makes its second-order gradients exact.
+The "torch" backend of the ops runs `reference` inside the op; its backward op runs autograd
+through the reference with the dispatcher's autograd keys switched back on (``torch.func.vjp``
+there fails under the dispatch modes opcheck and others use). `functional` takes it under
+torch.compile only: eagerly the torch backend stays plain autograd through `reference`, which is
+also what keeps its second-order gradients exact.
 
 Second-order gradients: route_topk's backward is differentiable torch ops (exact). The expert and
 modulation backward ops have no derivative: differentiating them (``create_graph=True`` then a
