@@ -2,12 +2,19 @@
 
 Backends (see `backend.resolve_backend`):
     "torch"      -> `switch_dit_kernels.reference` (plain PyTorch, autograd as usual)
-    "triton"     -> the Triton kernels behind torch.autograd.Functions
+    "triton"     -> the Triton kernels behind the ``switch_dit::*`` torch.library ops (`ops.py`)
     "cuda"       -> the optional csrc permutation + per-expert torch GEMMs (expert_linear/expert_mlp)
     "grouped_mm" -> permutation + torch._grouped_mm (bf16, sm_90+)
     "auto"       -> "triton" for CUDA tensors (or under TRITON_INTERPRET=1), else "torch"
 Fast-path modules are imported lazily, so importing this package needs neither Triton nor the
-compiled extension.
+compiled extension; the ``switch_dit::*`` ops are registered on import (`ops.py` imports no
+Triton), so ``torch.ops.switch_dit`` is there for exported or saved graphs.
+
+torch.compile: the "triton" backend always runs through the ``switch_dit::*`` torch.library ops
+(`ops.py`), and under torch.compile so does "torch" (the reference's data-dependent sizes stay
+inside the op); eagerly "torch" is plain autograd through `reference`. These functions are what
+torch.compile traces: argument checks read shapes and dtypes only, and the backend is resolved
+without tracing into importlib (`_resolve_traceable`).
 """
 from __future__ import annotations
 
@@ -15,8 +22,32 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _validate, reference
-from .backend import resolve_backend
+from . import _validate, ops, reference
+from .backend import BACKENDS, resolve_backend, triton_available, triton_interpreting
+
+
+# Whether the `triton` package can be found: a find_spec at import (Triton itself is not imported),
+# so that traced code reads a constant instead of tracing into importlib.
+_TRITON_INSTALLED = triton_available()
+
+
+def _resolve_traceable(backend: str, *tensors: torch.Tensor) -> str:
+    """`resolve_backend`, traceable: under torch.compile "auto" and "triton" are settled from the
+    device, TRITON_INTERPRET and an import-time constant (no importlib lookup in the graph)."""
+    if not torch.compiler.is_compiling():
+        return resolve_backend(backend, *tensors)
+    on_cuda = any(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    triton_usable = _TRITON_INSTALLED and (on_cuda or triton_interpreting())
+    if backend == "auto":
+        return "triton" if triton_usable else "torch"
+    if backend not in BACKENDS or (backend == "triton" and not triton_usable):
+        return resolve_backend(backend, *tensors)  # raises its error naming what is missing
+    return backend
+
+
+def _torch_via_op() -> bool:
+    """The torch backend goes through the ops only while compiling (see the module docstring)."""
+    return torch.compiler.is_compiling()
 
 
 def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backend: str = "auto"
@@ -33,7 +64,7 @@ def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backe
     num_experts = logits.shape[1]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an int in [1, E={num_experts}], got {k!r}")
-    impl = resolve_backend(backend, logits)
+    impl = _resolve_traceable(backend, logits)
     if impl == "triton":
         from .topk_ops import route_topk_triton
         return route_topk_triton(logits, k, renormalize=renormalize)
@@ -54,11 +85,9 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .expert_ops import expert_linear_triton
-        return expert_linear_triton(x, weight, bias, topk_weights, topk_ids,
-                                    tokens_per_route=tokens_per_route)
+    impl = _resolve_traceable(backend, x)
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        return ops.expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_linear_permuted
         return expert_linear_permuted(x, weight, bias, topk_weights, topk_ids,
@@ -83,11 +112,10 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     """
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .expert_ops import expert_mlp_triton
-        return expert_mlp_triton(x, w1, b1, w2, b2, topk_weights, topk_ids,
-                                 activation=activation, tokens_per_route=tokens_per_route)
+    impl = _resolve_traceable(backend, x)
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        return ops.expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
+                             tokens_per_route, impl)
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_mlp_permuted
         return expert_mlp_permuted(x, w1, b1, w2, b2, topk_weights, topk_ids,
@@ -118,11 +146,11 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_switch_modulation(x, weight, bias, topk_weights, topk_ids)
-    impl = resolve_backend(backend, x)
-    if impl == "triton":
-        from .modulation_ops import switch_modulation_triton
-        return switch_modulation_triton(x, weight, bias, topk_weights, topk_ids,
-                                        recompute=recompute)
+    impl = _resolve_traceable(backend, x)
+    if impl == "triton" and (x.dtype == torch.float64 or x.numel() == 0):
+        impl = "torch"  # no fp64 tl.dot path we test; an empty x has nothing to launch
+    if impl == "triton" or (impl == "torch" and _torch_via_op()):
+        return ops.switch_modulation_op(x, weight, bias, topk_weights, topk_ids, impl, recompute)
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
         rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens

@@ -1,40 +1,39 @@
-"""Autograd wrapper of the fused Triton router: gradients flow from topk_weights to the logits."""
+"""Triton router forward and its closed-form backward: gradients flow from topk_weights to the logits."""
 from __future__ import annotations
 
 import torch
 
 
-def _selected_weights(logits: torch.Tensor, ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
-    """topk_weights as a differentiable function of logits for fixed ids: softmax(logits)[ids]."""
-    weights = torch.softmax(logits.float(), dim=-1).gather(1, ids)
+def route_topk_forward(logits: torch.Tensor, k: int, renormalize: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused softmax + top-k kernel: logits [R, E] -> (weights [R, k] float32, ids [R, k] int64)."""
+    from .kernels.topk_softmax import topk_softmax
+    return topk_softmax(logits, k, renormalize)
+
+
+def route_topk_backward(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
+                        renormalize: bool) -> torch.Tensor:
+    """d(logits) [R, E] (logits' dtype) of weights = softmax(logits)[ids] (/ their sum).
+
+    Plain differentiable torch ops (an [R, E] elementwise job: a kernel would save nothing), so
+    second-order gradients through the router are exact and torch.compile traces it.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    selected = probs.gather(1, ids)
+    grad_selected = grad_weights.float()
     if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights
-
-
-class _RouteTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, k, renormalize):
-        from .kernels.topk_softmax import topk_softmax
-        weights, ids = topk_softmax(logits, k, renormalize)
-        ctx.save_for_backward(logits, ids)
-        ctx.renormalize = renormalize
-        ctx.mark_non_differentiable(ids)
-        return weights, ids
-
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_ids):
-        logits, ids = ctx.saved_tensors
-        # The backward is an [R, E] elementwise job: recomputing the softmax in PyTorch costs
-        # as much as a dedicated kernel would and keeps one source of truth for the math.
-        with torch.enable_grad():
-            leaf = logits.detach().requires_grad_(True)
-            weights = _selected_weights(leaf, ids, ctx.renormalize)
-            (grad_logits,) = torch.autograd.grad(weights, leaf, grad_weights)
-        return grad_logits, None, None
+        # The terms of autograd's division backward in its order: the same bits as the reference.
+        total = selected.sum(-1, keepdim=True)
+        grad_selected = (grad_selected / total
+                         + (-grad_selected * selected / (total * total)).sum(-1, keepdim=True))
+    grad_probs = torch.zeros_like(probs).scatter_add(1, ids, grad_selected)
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+    return grad_logits.to(logits.dtype)
 
 
 def route_topk_triton(logits: torch.Tensor, k: int, *, renormalize: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused softmax + top-k: logits [R, E] -> (weights [R, k] float32, ids [R, k] int64)."""
-    return _RouteTopK.apply(logits, k, renormalize)
+    """Fused softmax + top-k through the ``switch_dit::route_topk`` op: logits [R, E] ->
+    (weights [R, k] float32, ids [R, k] int64)."""
+    from .ops import route_topk_op
+    return route_topk_op(logits, k, renormalize)

@@ -121,11 +121,11 @@ def test_tuple_change_in_first_slot_only():
 
 
 def test_public_api_dispatches_to_triton():
-    # functional.switch_modulation(backend="triton") reaches this module's autograd Function.
+    # functional.switch_modulation(backend="triton") reaches the switch_dit::switch_modulation op.
     x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, 2)
     x.requires_grad_(True)
     r = switch_modulation(x, weight, b, weights, ids, backend="triton")
-    assert r.grad_fn is not None and "SwitchModulation" in type(r.grad_fn).__name__
+    assert r.grad_fn is not None and "switch_dit_switch_modulation" in type(r.grad_fn).__name__
     torch.testing.assert_close(r, ref.switch_modulation(x, weight, b, weights, ids))
 
 
