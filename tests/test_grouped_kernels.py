@@ -97,22 +97,24 @@ def test_grouped_gemm_float16_sorted_input():
     torch.testing.assert_close(out, grouped_gemm_torch(a, w, meta), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("gather_a,gather_b,use_scale,split", [
-    (True, True, True, 3),     # expert_linear: x^T (g * dY), both read through the sorted index
-    (False, True, True, 1),    # MLP dW2: h^T (g * dY), h already sorted
-    (True, False, False, 2),   # MLP dW1: x^T d(pre)
+@pytest.mark.parametrize("gather_a,gather_b,use_scale,split,k_dim,n_out", [
+    (True, True, True, 3, 37, 24),   # expert_linear: x^T (g * dY), both read through the index
+    (False, True, True, 1, 37, 24),  # MLP dW2: h^T (g * dY), h already sorted
+    (True, False, False, 2, 37, 24),  # MLP dW1: x^T d(pre)
+    (True, False, True, 1, 70, 80),  # sorted dO with a scale; 3 x 3 tiles of dW[e] in groups of
+                                     # 2 K tiles (the last group partial): every tile written once
 ])
-def test_weight_grad(gather_a, gather_b, use_scale, split):
+def test_weight_grad(gather_a, gather_b, use_scale, split, k_dim, n_out):
     # split > 1 cuts each expert's rows into chunks (some empty for experts with few rows) whose
     # float32 partials are summed in a fixed order.
     meta = routing(*META_ARGS)
     num_tokens = meta.num_routes * meta.tokens_per_route
-    a = randn(num_tokens if gather_a else meta.num_sorted_rows, 37)
-    b = randn(num_tokens if gather_b else meta.num_sorted_rows, 24)
+    a = randn(num_tokens if gather_a else meta.num_sorted_rows, k_dim)
+    b = randn(num_tokens if gather_b else meta.num_sorted_rows, n_out)
     scale = rand(meta.sorted_pairs.numel()) if use_scale else None
     want_dw, want_db = weight_grad_torch(a, b, meta, gather_a=gather_a, gather_b=gather_b,
                                          scale=scale, with_bias=True)
-    out, bias_out = poisoned(6, 37, 24), poisoned(6, 24)
+    out, bias_out = poisoned(6, k_dim, n_out), poisoned(6, n_out)
     dw, db = weight_grad(a, b, meta, gather_a=gather_a, gather_b=gather_b, scale=scale,
                          with_bias=True, split=split, out=out, bias_out=bias_out)
     assert dw is out and db is bias_out
@@ -194,10 +196,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         assert k.asm["ttgir"].count("async_copy_global_to_local") >= 2, v
     w = weight_grad._weight_grad_body
     build(w, {"K", "N_OUT", "stride_am", "stride_bm", "stride_dw_split", "stride_db_split"},
-          dict(a_ptr=bf, b_ptr=bf, scale_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32",
+          dict(a_ptr=bf, b_ptr=bf, dw_ptr="*fp32", db_ptr="*fp32",
                offsets_ptr="*i32", sorted_pairs_ptr="*i32"),
-          dict(GATHER_A=True, GATHER_B=True, HAS_SCALE=True, HAS_DB=True, PRECISION="tf32",
-               ACC=tl.float32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128))
+          dict(GATHER_A=True, GATHER_B=True, HAS_DB=True, PRECISION="tf32",
+               ACC=tl.float32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_K=8))
+    build(weight_grad._scale_sorted_rows_kernel, {"N_OUT", "stride_bm"},
+          dict(b_ptr=bf, scale_ptr="*fp32", out_ptr=bf, sorted_pairs_ptr="*i32"),
+          dict(GATHER_B=True, ACC=tl.float32, BLOCK_R=32, BLOCK_N=128), warps=4)
     build(combine._combine_kernel, {"D", "stride_h", "stride_y"},
           dict(h_ptr=bf, gate_ptr="*fp32", pair_to_sorted_ptr="*i32", y_ptr=bf),
           dict(HAS_GATE=True, ACC=tl.float32, BLOCK_T=16, BLOCK_D=256), warps=4)

@@ -59,20 +59,20 @@ def grouped_gemm_configs():
 
 
 def weight_grad_configs():
-    """Configs of `weight_grad._weight_grad_kernel`: a BLOCK_K x BLOCK_N tile of dW[e], reducing
-    BLOCK_M rows per step."""
+    """Configs of `weight_grad._weight_grad_body`: a BLOCK_K x BLOCK_N tile of dW[e], reducing
+    BLOCK_M rows per step; GROUP_K K tiles per group of the L2-friendly tile order."""
     if triton_interpreting():
-        return [_cfg(16, 32, 32, 1, 1)]
-    default = _cfg(64, 128, 128, 8, 3)
+        return [_cfg(16, 32, 32, 1, 1, GROUP_K=2)]
+    default = _cfg(64, 128, 128, 8, 3, GROUP_K=8)
     if not autotuning_enabled():
-        return [default, _cfg(64, 64, 64, 4, 3)]
+        return [default, _cfg(64, 64, 64, 4, 3, GROUP_K=8)]
     return [
         default,
-        _cfg(64, 256, 128, 8, 3),
-        _cfg(32, 128, 128, 4, 4),
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(64, 64, 128, 4, 4),
-        _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 256, 128, 8, 3, GROUP_K=8),
+        _cfg(32, 128, 128, 4, 4, GROUP_K=8),
+        _cfg(64, 128, 64, 4, 4, GROUP_K=8),
+        _cfg(64, 64, 128, 4, 4, GROUP_K=8),
+        _cfg(64, 64, 64, 4, 3, GROUP_K=8),
     ]
 
 
