@@ -420,7 +420,12 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if bias is not None:
         gate = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.float32)
         gate.scatter_add_(1, ids_u.long(), g_u)     # one add per (unit, expert) unless ids repeat
-        db = (gate[:, :, None] * usum[:, None, :]).sum(0).to(bias.dtype)            # [E, D]
+        used = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.bool)
+        used.scatter_(1, ids_u.long(), True)
+        # A select, not gate * usum alone: a unit's NaN must not reach the bias gradient of an
+        # expert it did not use through 0 * NaN.
+        db = torch.where(used[:, :, None], gate[:, :, None] * usum[:, None, :], 0.0)
+        db = db.sum(0).to(bias.dtype)                                                   # [E, D]
         dg = dg + (bias.float()[ids_u.long()] * usum[:, None, :]).sum(-1)
     if shared:
         dg = dg.sum(0, keepdim=True)
