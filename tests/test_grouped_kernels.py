@@ -231,3 +231,36 @@ def test_kernels_compile_for_sm90():
     if "NO_CUDA_BACKEND" in proc.stdout:
         pytest.skip("Triton's CUDA backend is not available here")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_nan_in_one_token_stays_in_its_experts():
+    # Token routing (N = 1, k = 2, E = 5): a NaN in token 0's x and dY rows reaches dW / db of the
+    # two experts token 0 uses, token 0's combined output and its gate gradients, nothing else.
+    meta = routing(11, 2, 1, 5, "random")
+    x, dy = randn(11, 24), randn(11, 16)
+    scale = rand(meta.sorted_pairs.numel())
+    x_nan, dy_nan = x.clone(), dy.clone()
+    x_nan[0, 3] = NAN
+    dy_nan[0, 5] = NAN
+    used = set()
+    sorted_rows = meta.sorted_row_sources().tolist()
+    offsets = meta.expert_offsets.tolist()
+    for e in range(5):
+        if 0 in sorted_rows[offsets[e]:offsets[e + 1]]:
+            used.add(e)
+    assert len(used) == 2
+    free = [e for e in range(5) if e not in used]
+    dw, db = weight_grad(x_nan, dy_nan, meta, gather_a=True, gather_b=True, scale=scale,
+                         with_bias=True, split=2)
+    dw_c, db_c = weight_grad(x, dy, meta, gather_a=True, gather_b=True, scale=scale,
+                             with_bias=True, split=2)
+    assert torch.isnan(dw[sorted(used)]).any()
+    torch.testing.assert_close(dw[free], dw_c[free], rtol=0, atol=0)
+    torch.testing.assert_close(db[free], db_c[free], rtol=0, atol=0)
+    h = randn(meta.num_sorted_rows, 16)
+    h_nan = h.clone()
+    h_nan[sorted_rows.index(0)] = NAN  # one of token 0's expert rows
+    y, y_c = combine(h_nan, meta, scale), combine(h, meta, scale)
+    torch.testing.assert_close(y[1:], y_c[1:], rtol=0, atol=0)
+    dg, dg_c = gate_grad(dy_nan, h_nan, meta), gate_grad(dy, h, meta)
+    torch.testing.assert_close(dg[1:], dg_c[1:], rtol=0, atol=0)
