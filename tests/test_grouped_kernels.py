@@ -1,5 +1,6 @@
 """Grouped-GEMM kernels (grouped_gemm, weight_grad, combine) vs their *_torch twins, launched on
 NaN-poisoned output buffers so that any element a kernel fails to write shows up."""
+import inspect
 import os
 import subprocess
 import sys
@@ -264,3 +265,25 @@ def test_nan_in_one_token_stays_in_its_experts():
     torch.testing.assert_close(y[1:], y_c[1:], rtol=0, atol=0)
     dg, dg_c = gate_grad(dy_nan, h_nan, meta), gate_grad(dy, h, meta)
     torch.testing.assert_close(dg[1:], dg_c[1:], rtol=0, atol=0)
+
+
+def test_autotune_keys_hold_every_kernel_constexpr():
+    # A constexpr missing from an autotuner's key lets one variant (e.g. PREMERGED, STORE_Y) reuse
+    # the config timed for another. Every constexpr of each tuned kernel is either in the key or
+    # set by the configs; ACC follows the dtype, which Triton adds to the key itself.
+    import triton
+    from switch_dit_kernels.kernels import grouped_gemm as gg, switch_modulation as sm
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb, weight_grad as wg
+    tuned = [gg._kernel(), wg._kernel(), sm._switch_modulation_fwd_kernel,
+             smb._switch_modulation_dx_kernel, smb._switch_modulation_dw_kernel]
+    for tuner in tuned:
+        assert isinstance(tuner, triton.runtime.autotuner.Autotuner)
+        fn = tuner.fn
+        while hasattr(fn, "fn"):  # Heuristics / JITFunction / the interpreter's wrapper
+            fn = fn.fn
+        by_config = {name for c in tuner.configs for name in c.kwargs}
+        constexprs = {name for name, p in inspect.signature(fn).parameters.items()
+                      if "constexpr" in str(p.annotation)}
+        assert "BLOCK_M" in constexprs or "BLOCK_I" in constexprs, fn.__name__
+        missing = constexprs - set(tuner.keys) - by_config - {"ACC"}
+        assert not missing, f"{fn.__name__}: constexprs {sorted(missing)} not in the autotune key"

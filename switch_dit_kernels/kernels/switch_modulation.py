@@ -180,7 +180,10 @@ def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
     return bt
 
 
-@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
+# Keyed on every constexpr that changes the compiled kernel (PREMERGED / STORE_Y: another loop body
+# and epilogue), so no variant reuses a config timed on another.
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "HAS_BIAS", "PREMERGED", "STORE_Y",
+                                             "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs})
 @triton.jit
 def _switch_modulation_fwd_kernel(

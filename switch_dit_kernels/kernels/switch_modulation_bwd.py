@@ -58,7 +58,8 @@ from .switch_modulation import (
 # ----------------------------------------------------------------------------------------------
 # dx = dR * (1 + y) + (dR * x) @ W~^T, and u = dR * x written over y.
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
+                                             "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
                  restore_value=["y_ptr"])  # benchmarking reruns the kernel; y -> u is not idempotent
 @triton.jit
@@ -139,7 +140,8 @@ def _dw_configs():
     return [triton.Config({"BLOCK_R": br}, num_warps=8, num_stages=s) for br, s in points]
 
 
-@triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J"],
+@triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
+                                                 "WRITE_USUM", "DOT_PRECISION"],
                  reset_to_zero=["partial_ptr"])  # accumulated read-modify-write
 @triton.jit
 def _switch_modulation_dw_kernel(
