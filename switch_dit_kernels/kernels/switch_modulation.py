@@ -92,7 +92,11 @@ def prune_fwd_configs(configs, named_args, **kwargs):
         smem = c.num_stages * (row_tiles * bm * bk + loads * bk * bn) * elt
         if smem > _SMEM_BYTES or bn > max_n or bm > max_m or bk > max(32, triton.next_power_of_2(dim)):
             continue
-        if bm * bn >= 128 * 256 and c.num_warps < 8:  # a 128x256 fp32 accumulator needs 8 warps
+        # At most 64 fp32 accumulator values a thread: the epilogue (r = x * (1 + acc), y / u / dx
+        # stores) needs registers beside them. Triton 3.6 sm_90 bf16 (compile_check --gate): every
+        # config at 128 values a thread (128x128 w4, 128x256 w8) spilled 16-608 B in the fwd or dx
+        # kernel, none at 64.
+        if bm * bn > 64 * 32 * c.num_warps:
             continue
         kept.append(c)
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits

@@ -44,11 +44,14 @@ def grouped_gemm_configs():
     if triton_interpreting():
         return [_cfg(16, 32, 16, 1, 1, GROUP_M=2)]
     default = _cfg(128, 128, 64, 8, 4, GROUP_M=8)
+    # 128x64 w8: the gated (2 accumulators) tile that stays at 64 fp32 values a thread.
+    gated = _cfg(128, 64, 64, 8, 4, GROUP_M=8)
     if not autotuning_enabled():
-        return [default, _cfg(64, 64, 32, 4, 3, GROUP_M=8)]
+        return [default, gated, _cfg(64, 64, 32, 4, 3, GROUP_M=8)]
     return [
         _cfg(128, 256, 64, 8, 3, GROUP_M=8),
         default,
+        gated,
         _cfg(128, 128, 64, 4, 4, GROUP_M=8),
         _cfg(128, 128, 32, 4, 4, GROUP_M=8),
         _cfg(64, 256, 64, 8, 3, GROUP_M=8),
@@ -79,6 +82,11 @@ def weight_grad_configs():
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Drop configs that cannot fit (shared memory, registers) or are far wider than the problem."""
     gated = bool(kwargs.get("GATED", False))
+    # An activation epilogue (ACT, GATED, STORE_PRE) needs registers beside the accumulator: Triton
+    # 3.6 sm_90 bf16 (compile_check --gate) spilled 16-272 B in every such variant at 128 fp32
+    # values a thread (128x128 w4, 128x256 w8, gated 64x256 w8 ...), none at 64.
+    acc_per_thread = _ACC_PER_THREAD // 2 if (gated or kwargs.get("ACT", 0) or
+                                               kwargs.get("STORE_PRE", False)) else _ACC_PER_THREAD
     elem = named_args["a_ptr"].element_size()
     n_out, k_dim = named_args["N_OUT"], named_args["K"]
     kept = []
@@ -86,7 +94,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         n_b = 2 if gated else 1
         smem = (bm * bk + n_b * bk * bn) * elem * c.num_stages
-        if smem > _SMEM_LIMIT or bm * bn * n_b > _ACC_PER_THREAD * 32 * c.num_warps:
+        if smem > _SMEM_LIMIT or bm * bn * n_b > acc_per_thread * 32 * c.num_warps:
             continue
         if bn > 64 and bn >= 2 * triton.next_power_of_2(n_out):
             continue
