@@ -241,10 +241,27 @@ def _switch_modulation_specs():
         aligned=("N_u", "D"),
         problems=(dict(N_u=256, D=1152), dict(N_u=1024, D=1152), dict(N_u=65536, D=4096)),
         variants=[
-            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True), main=True),
-            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False), main=True),
-            Variant("k4-store-u", dict(K_EXP=4, PREMERGED=False, STORE_U=True), main=True),
-            Variant("premerged-store-u", dict(K_EXP=1, PREMERGED=True, STORE_U=True), main=True),
+            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True, U_GIVEN=False),
+                    main=True),
+            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=False),
+                    main=True),
+            Variant("k4-store-u", dict(K_EXP=4, PREMERGED=False, STORE_U=True, U_GIVEN=False),
+                    main=True),
+            Variant("premerged-store-u", dict(K_EXP=1, PREMERGED=True, STORE_U=True,
+                                              U_GIVEN=False), main=True),
+            # SWITCH_DIT_SMOD_DX_PREPASS=1: u comes from _u_prepass_kernel
+            Variant("k1-u-given", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
+            Variant("k2-u-given", dict(K_EXP=2, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
+            Variant("premerged-u-given", dict(K_EXP=1, PREMERGED=True, STORE_U=False,
+                                              U_GIVEN=True)),
+        ])
+    prepass = KernelSpec(
+        "switch_modulation_bwd", "_u_prepass_kernel",
+        roles=dict(dr_ptr="in", x_ptr="in", y_ptr="in", dx_ptr="in", usum_ptr="f32"),
+        aligned=("N_u", "D"),
+        variants=[
+            Variant("dx-usum", dict(WRITE_DX=True, WRITE_USUM=True, BLOCK_R=32, BLOCK_D=128)),
+            Variant("usum-only", dict(WRITE_DX=False, WRITE_USUM=True, BLOCK_R=32, BLOCK_D=128)),
         ])
 
     def dw_variant(name, k, slots, write_usum, main=False):
@@ -258,14 +275,16 @@ def _switch_modulation_specs():
         roles=dict(x_ptr="in", u_ptr="in", w_ptr="in", g_ptr="f32", ids_ptr="i32",
                    order_ptr="i32", partial_ptr="f32", dgp_ptr="f32", usum_ptr="f32"),
         aligned=("M", "N_u", "D"),
+        problems=(dict(M=65536, N_u=256, D=1152),),
         variants=lambda: [
             dw_variant("k2", 2, 2, True, main=True),
+            dw_variant("k2-usum-given", 2, 2, False),   # SWITCH_DIT_SMOD_DX_PREPASS=1
             dw_variant("k1", 1, 1, True),
             dw_variant("k3", 3, 3, True),
             dw_variant("k4", 4, 4, True, main=True),
             dw_variant("k6-second-chunk", 6, 2, False),
         ])
-    return [fwd, merge, dx, dw]
+    return [fwd, merge, dx, prepass, dw]
 
 
 def all_specs():
@@ -704,11 +723,27 @@ def launch_cases(dtype: torch.dtype):
                                                       leaf(experts, dim, dim),
                                                       leaf(experts, dim), g, ids))
                 return run
+            def with_prepass(thunk):
+                def run():
+                    old = os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS")
+                    os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = "1"
+                    try:
+                        thunk()
+                    finally:
+                        if old is None:
+                            os.environ.pop("SWITCH_DIT_SMOD_DX_PREPASS")
+                        else:
+                            os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = old
+                return run
             cases += [
                 ("switch_modulation k=2 E=3", smod(2, 256, 1152, 3, 2, False)),
                 ("switch_modulation k=1 E=3", smod(2, 256, 1152, 3, 1, False)),
                 ("switch_modulation k=4 E=5", smod(2, 256, 1152, 5, 4, False)),
                 ("switch_modulation shared [1,k]", smod(2, 256, 1152, 3, 2, True)),
+                # opt-in: SWITCH_DIT_SMOD_DX_PREPASS=1 (u formed by a separate pass)
+                ("switch_modulation k=2 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, False))),
+                ("switch_modulation k=1 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 1, False))),
+                ("switch_modulation shared u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, True))),
             ]
     return cases
 

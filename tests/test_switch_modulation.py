@@ -418,3 +418,47 @@ def test_nan_in_one_sample_stays_in_its_experts(backend, where):
                             ("dtopk_weights", dg[1:], clean[4][1:])]:
         assert torch.isfinite(got).all(), f"{backend}: NaN of sample 0 leaked into {name}"
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# The opt-in u pre-pass (SWITCH_DIT_SMOD_DX_PREPASS=1): u = dR * x, dR * (1 + y) and the per-unit
+# sums of u in one elementwise pass, the dx GEMM then reads u as a plain operand.
+PREPASS_CASES = [CASES[0], CASES[1], CASES[2], CASES[4], CASES[5], CASES[7]]
+
+
+@pytest.mark.parametrize("batch,tokens,dim,num_experts,k,bias,routing", PREPASS_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_u_prepass_matches_reference(monkeypatch, batch, tokens, dim, num_experts, k, bias,
+                                     routing, dtype):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
+    x, weight, b, weights, ids = make_inputs(batch, tokens, dim, num_experts, k, dtype=dtype,
+                                             bias=bias, routing=routing)
+    check_against_reference(x, weight, b, weights, ids, dtype)
+
+
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_u_prepass_writes_every_output_and_is_deterministic(monkeypatch, routing):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb
+    calls = []
+    real = smb.launch_u_prepass
+    monkeypatch.setattr(smb, "launch_u_prepass", lambda *a: calls.append(1) or real(*a))
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 3, 2, routing=routing)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    grad_r = torch.randn_like(x)
+    want = switch_modulation_bwd_torch(grad_r, x, weight, b, weights, ids)
+    runs = []
+    for _ in range(2):
+        dx = torch.full_like(x, float("nan"))
+        got = switch_modulation_bwd(grad_r, x, weight, b, weights, ids, y.clone(), dx_out=dx)
+        for name, g_, w_ in zip(["dx", "dW", "db", "dg"], got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4, msg=name)
+        runs.append(got)
+    assert len(calls) == 2  # the pre-pass path ran
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("which", ["x_only", "params_only"])
+def test_u_prepass_partial_requires_grad(monkeypatch, which):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
+    test_partial_requires_grad(which)
