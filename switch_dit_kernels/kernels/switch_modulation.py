@@ -41,7 +41,8 @@ from .tuning import autotuning_enabled
 # ----------------------------------------------------------------------------------------------
 # Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
 # The space is BLOCK_M 64/128, BLOCK_N 64/128/256, BLOCK_K 32/64, 4/8 warps, 3/4 stages; by default
-# a curated 10 of its 48 points (each config costs a compilation, ~1 s, on the first call per key);
+# a curated 10 of its 48 points plus one 256-row tile (each config costs a compilation, ~1 s, on
+# the first call per key);
 # SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48; SWITCH_DIT_AUTOTUNE=0 keeps the first that fits
 # (one compilation per key, the same bits in every process). Under the interpreter a single small
 # config: no benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
@@ -53,6 +54,10 @@ _CURATED = [
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
     (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
     (64, 256, 32, 8, 4), (64, 64, 64, 4, 3),
+    # One sample of N = 256 per M tile: each merged W~ chunk feeds twice the MMA work of a 128-row
+    # tile (half the merges per MMA). Still waits for every wgmma (the merged tile is one shared
+    # buffer) but no spill on sm_90 (Triton 3.6 bf16: 140-166 regs); the autotuner decides on a GPU.
+    (256, 64, 64, 8, 3),
 ]
 
 
