@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 # Must happen before triton is imported: under TRITON_INTERPRET=1 triton.compile is never reached
 # and the kernels' modules pick their interpreter-only configs.
 os.environ.pop("TRITON_INTERPRET", None)
+# The stand-in driver's "timings" are all 1.0: they must not land in the persistent autotune cache.
+os.environ["SWITCH_DIT_AUTOTUNE_CACHE"] = "0"
+os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -287,3 +287,18 @@ def test_autotune_keys_hold_every_kernel_constexpr():
         assert "BLOCK_M" in constexprs or "BLOCK_I" in constexprs, fn.__name__
         missing = constexprs - set(tuner.keys) - by_config - {"ACC"}
         assert not missing, f"{fn.__name__}: constexprs {sorted(missing)} not in the autotune key"
+
+
+def test_autotune_cache_switch(monkeypatch):
+    # Persistent autotune results (Triton's cache_results) on GPUs by default, off with
+    # SWITCH_DIT_AUTOTUNE_CACHE=0 and always off in the interpreter (nothing is timed there).
+    from switch_dit_kernels.kernels import tuning
+    assert not tuning.autotune_cache_enabled() or not tuning.triton_interpreting()
+    monkeypatch.setattr(tuning, "triton_interpreting", lambda: False)
+    monkeypatch.delenv("SWITCH_DIT_AUTOTUNE_CACHE", raising=False)
+    assert tuning.autotune_cache_enabled()
+    monkeypatch.setenv("SWITCH_DIT_AUTOTUNE_CACHE", "0")
+    assert not tuning.autotune_cache_enabled()
+    monkeypatch.setattr(tuning, "triton_interpreting", lambda: True)
+    monkeypatch.delenv("SWITCH_DIT_AUTOTUNE_CACHE", raising=False)
+    assert not tuning.autotune_cache_enabled()

@@ -159,6 +159,7 @@ def _kernel():
             key=["K", "N_OUT", "GATHER_A", "SCATTER_OUT", "HAS_BIAS", "HAS_SCALE", "ACT", "GATED",
                  "STORE_PRE", "ACT_BWD", "PRECISION", "EVEN_K", "EVEN_N", "BLOCK_E"],
             prune_configs_by={"early_config_prune": tuning.prune_gemm_configs},
+            cache_results=tuning.autotune_cache_enabled(),
         )(_grouped_gemm_kernel)
     return _tuned_kernel
 

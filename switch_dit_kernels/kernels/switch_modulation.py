@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from .tuning import autotuning_enabled
+from .tuning import autotune_cache_enabled, autotuning_enabled
 
 # ----------------------------------------------------------------------------------------------
 # Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
@@ -193,7 +193,8 @@ def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
 # and epilogue), so no variant reuses a config timed on another.
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "HAS_BIAS", "PREMERGED", "STORE_Y",
                                              "DOT_PRECISION"],
-                 prune_configs_by={"early_config_prune": prune_fwd_configs})
+                 prune_configs_by={"early_config_prune": prune_fwd_configs},
+                 cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_fwd_kernel(
         x_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, r_ptr, y_ptr,

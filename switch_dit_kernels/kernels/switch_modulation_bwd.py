@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from .tuning import autotuning_enabled
+from .tuning import autotune_cache_enabled, autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
     prune_fwd_configs, unit_row_tile, unit_tile_grid,
@@ -61,7 +61,8 @@ from .switch_modulation import (
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
                                              "U_GIVEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
-                 restore_value=["y_ptr"])  # benchmarking reruns the kernel; y -> u is not idempotent
+                 restore_value=["y_ptr"],  # benchmarking reruns the kernel; y -> u is not idempotent
+                 cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_dx_kernel(
         dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr,
@@ -219,7 +220,8 @@ def _prune_dw_configs(configs, named_args, **kwargs):
 @triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
                                                  "WRITE_USUM", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_dw_configs},
-                 reset_to_zero=["partial_ptr"])  # accumulated read-modify-write
+                 reset_to_zero=["partial_ptr"],
+                 cache_results=autotune_cache_enabled())  # accumulated read-modify-write
 @triton.jit
 def _switch_modulation_dw_kernel(
         x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr, usum_ptr,

@@ -156,6 +156,7 @@ def _kernel():
             # Every constexpr that changes the compiled kernel (the dtypes are added by Triton).
             key=["K", "N_OUT", "GATHER_A", "GATHER_B", "HAS_DB", "PRECISION"],
             prune_configs_by={"early_config_prune": tuning.prune_weight_grad_configs},
+            cache_results=tuning.autotune_cache_enabled(),
         )(_weight_grad_body)
     return _tuned_kernel
 
