@@ -80,11 +80,11 @@ def weight_grad_configs():
     default = _cfg(64, 128, 128, 8, 3, GROUP_K=8)
     if not autotuning_enabled():
         return [default, _cfg(64, 64, 64, 4, 3, GROUP_K=8)]
+    # Not listed: 32x128x128 w4 s4 and 64x128x64 w4 s4, which ptxas serialised (C7515) for bf16
+    # outputs (compile_check --gate, Triton 3.6, sm_90, launch path and linear-split1).
     return [
         default,
         _cfg(64, 256, 128, 8, 3, GROUP_K=8),
-        _cfg(32, 128, 128, 4, 4, GROUP_K=8),
-        _cfg(64, 128, 64, 4, 4, GROUP_K=8),
         _cfg(64, 64, 128, 4, 4, GROUP_K=8),
         _cfg(64, 64, 64, 4, 3, GROUP_K=8),
     ]
