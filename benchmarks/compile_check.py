@@ -137,6 +137,10 @@ def _grouped_gemm_spec():
             v("sorted-scatter-k1-N1", ones=("stride_wn", "tokens_per_route", "top_k"),
               GATHER_A=False, SCATTER_OUT=True, HAS_SCALE=True),         # k = 1 token routing
             v("token-routing-N1", ones=("stride_wn", "tokens_per_route"), BLOCK_E=64),
+            # expert_mlp k >= 2, N = 1: layer 2 on the sorted h (forward), and its dx
+            v("sorted-layer2-N1", ones=("stride_wn", "tokens_per_route"), GATHER_A=False),
+            v("sorted-layer2-dx-N1", ones=("stride_wk", "tokens_per_route"), GATHER_A=False,
+              HAS_BIAS=False),
         ])
 
 

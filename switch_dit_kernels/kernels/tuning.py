@@ -98,6 +98,9 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     # values a thread (128x128 w4, 128x256 w8, gated 64x256 w8 ...), none at 64.
     acc_per_thread = _ACC_PER_THREAD // 2 if (gated or kwargs.get("ACT", 0) or
                                                kwargs.get("STORE_PRE", False)) else _ACC_PER_THREAD
+    # Sorted rows in and out (expert_mlp's layer 2 and its dx for k >= 2), ungated: ptxas serialised
+    # every 64-column tile (C7515: 128x64 w8/w4, 64x64 w4; Triton 3.6, sm_90, bf16), none wider.
+    sorted_in_out = not (kwargs.get("GATHER_A", True) or kwargs.get("SCATTER_OUT", False) or gated)
     elem = named_args["a_ptr"].element_size()
     n_out, k_dim = named_args["N_OUT"], named_args["K"]
     kept = []
@@ -110,6 +113,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         if bn > 64 and bn >= 2 * triton.next_power_of_2(n_out):
             continue
         if bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim):
+            continue
+        if sorted_in_out and bn == 64:
             continue
         kept.append(c)
     return _untuned(kept) or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
