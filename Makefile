@@ -65,6 +65,19 @@ plots: install
 	$(PY) -m benchmarks.plot --tables
 
 .PHONY: compile-check
-# Ahead-of-time compile of every Triton kernel for sm_90/sm_80 (no GPU needed).
-compile-check: install
-	$(PY) benchmarks/compile_check.py
+# The Hopper codegen gate (no GPU needed): every Triton kernel compiled for sm_90 by Triton 3.6, the
+# GPU machines' version, in its own virtualenv beside the CPU torch; fails on a compile error, a
+# serialised wgmma main loop (only wgmma.wait_group 0, or ptxas C7515) or a spill in a config the
+# autotuner may keep. QUICK=1: one config per kernel and the untuned launch path (minutes, not 15+).
+TRITON36_VENV ?= .venv-triton36
+PY36 := $(TRITON36_VENV)/bin/python
+COMPILE_CHECK_ARGS ?=
+
+$(PY36):
+	python3 -m venv $(TRITON36_VENV)
+	$(PY36) -m pip install -q $(FIND_LINKS) torch==2.13.0 \
+	  || $(PY36) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY36) -m pip install -q triton==3.6.0 numpy
+
+compile-check: $(PY36)
+	$(if $(QUICK),SWITCH_DIT_AUTOTUNE=0 ,)$(PY36) benchmarks/compile_check.py --gate $(if $(QUICK),--configs quick,) $(COMPILE_CHECK_ARGS)

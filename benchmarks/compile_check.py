@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 # Must happen before triton is imported: under TRITON_INTERPRET=1 triton.compile is never reached
 # and the kernels' modules pick their interpreter-only configs.
 os.environ.pop("TRITON_INTERPRET", None)
+# The stand-in driver's "timings" are all 1.0: they must not land in the persistent autotune cache.
+os.environ["SWITCH_DIT_AUTOTUNE_CACHE"] = "0"
+os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -134,14 +137,20 @@ def _grouped_gemm_spec():
             v("sorted-scatter-k1-N1", ones=("stride_wn", "tokens_per_route", "top_k"),
               GATHER_A=False, SCATTER_OUT=True, HAS_SCALE=True),         # k = 1 token routing
             v("token-routing-N1", ones=("stride_wn", "tokens_per_route"), BLOCK_E=64),
+            # expert_mlp k >= 2, N = 1: layer 2 on the sorted h (forward), and its dx
+            v("sorted-layer2-N1", ones=("stride_wn", "tokens_per_route"), GATHER_A=False),
+            v("sorted-layer2-dx-N1", ones=("stride_wk", "tokens_per_route"), GATHER_A=False,
+              HAS_BIAS=False),
         ])
 
 
 def _weight_grad_spec():
-    base = dict(GATHER_A=True, GATHER_B=True, HAS_SCALE=True, HAS_DB=True)
+    # A gate factor is applied by _scale_sorted_rows_kernel first, so dO then comes sorted
+    # (GATHER_B=False); GATHER_B=True is the unscaled token-order dO.
+    base = dict(GATHER_A=True, GATHER_B=False, HAS_DB=True)
     return KernelSpec(
         "weight_grad", "_weight_grad_body",
-        roles=dict(a_ptr="in", b_ptr="in", scale_ptr="acc", dw_ptr="acc", db_ptr="acc",
+        roles=dict(a_ptr="in", b_ptr="in", dw_ptr="acc", db_ptr="acc",
                    offsets_ptr="i32", sorted_pairs_ptr="i32"),
         aligned=("K", "N_OUT", "stride_am", "stride_bm", "stride_dw_split", "stride_db_split"),
         dtypes=("fp16", "bf16", "fp32", "fp64"),
@@ -149,9 +158,23 @@ def _weight_grad_spec():
         variants=[
             Variant("linear-split-partials", dict(base), main=True),   # split > 1: fp32 partials
             Variant("linear-split1", dict(base), roles=dict(dw_ptr="in", db_ptr="in")),
+            Variant("linear-unscaled-gather", {**base, "GATHER_B": True}),
             Variant("mlp-dw2", {**base, "GATHER_A": False}),
-            Variant("mlp-dw1-noscale", {**base, "GATHER_B": False, "HAS_SCALE": False}),
+            Variant("mlp-dw1", dict(base), main=True),
             Variant("token-routing-N1-k1", {**base, "HAS_DB": False},
+                    ones=("tokens_per_route", "top_k")),
+        ])
+
+
+def _scale_rows_spec():
+    return KernelSpec(
+        "weight_grad", "_scale_sorted_rows_kernel",
+        roles=dict(b_ptr="in", scale_ptr="acc", out_ptr="in", sorted_pairs_ptr="i32"),
+        aligned=("N_OUT", "stride_bm"),
+        dtypes=("fp16", "bf16", "fp32", "fp64"),
+        variants=[
+            Variant("gather-N256", dict(GATHER_B=True, BLOCK_R=32, BLOCK_N=128)),
+            Variant("sorted-N1-k1", dict(GATHER_B=False, BLOCK_R=32, BLOCK_N=128),
                     ones=("tokens_per_route", "top_k")),
         ])
 
@@ -225,10 +248,27 @@ def _switch_modulation_specs():
         aligned=("N_u", "D"),
         problems=(dict(N_u=256, D=1152), dict(N_u=1024, D=1152), dict(N_u=65536, D=4096)),
         variants=[
-            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True), main=True),
-            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False), main=True),
-            Variant("k4-store-u", dict(K_EXP=4, PREMERGED=False, STORE_U=True), main=True),
-            Variant("premerged-store-u", dict(K_EXP=1, PREMERGED=True, STORE_U=True), main=True),
+            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True, U_GIVEN=False),
+                    main=True),
+            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=False),
+                    main=True),
+            Variant("k4-store-u", dict(K_EXP=4, PREMERGED=False, STORE_U=True, U_GIVEN=False),
+                    main=True),
+            Variant("premerged-store-u", dict(K_EXP=1, PREMERGED=True, STORE_U=True,
+                                              U_GIVEN=False), main=True),
+            # SWITCH_DIT_SMOD_DX_PREPASS=1: u comes from _u_prepass_kernel
+            Variant("k1-u-given", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
+            Variant("k2-u-given", dict(K_EXP=2, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
+            Variant("premerged-u-given", dict(K_EXP=1, PREMERGED=True, STORE_U=False,
+                                              U_GIVEN=True)),
+        ])
+    prepass = KernelSpec(
+        "switch_modulation_bwd", "_u_prepass_kernel",
+        roles=dict(dr_ptr="in", x_ptr="in", y_ptr="in", dx_ptr="in", usum_ptr="f32"),
+        aligned=("N_u", "D"),
+        variants=[
+            Variant("dx-usum", dict(WRITE_DX=True, WRITE_USUM=True, BLOCK_R=32, BLOCK_D=128)),
+            Variant("usum-only", dict(WRITE_DX=False, WRITE_USUM=True, BLOCK_R=32, BLOCK_D=128)),
         ])
 
     def dw_variant(name, k, slots, write_usum, main=False):
@@ -242,19 +282,22 @@ def _switch_modulation_specs():
         roles=dict(x_ptr="in", u_ptr="in", w_ptr="in", g_ptr="f32", ids_ptr="i32",
                    order_ptr="i32", partial_ptr="f32", dgp_ptr="f32", usum_ptr="f32"),
         aligned=("M", "N_u", "D"),
+        problems=(dict(M=65536, N_u=256, D=1152),),
         variants=lambda: [
             dw_variant("k2", 2, 2, True, main=True),
+            dw_variant("k2-usum-given", 2, 2, False),   # SWITCH_DIT_SMOD_DX_PREPASS=1
             dw_variant("k1", 1, 1, True),
             dw_variant("k3", 3, 3, True),
             dw_variant("k4", 4, 4, True, main=True),
             dw_variant("k6-second-chunk", 6, 2, False),
         ])
-    return [fwd, merge, dx, dw]
+    return [fwd, merge, dx, prepass, dw]
 
 
 def all_specs():
     """Every spec whose module exists (switch_modulation* may be absent in a partial checkout)."""
-    specs = [_topk_spec(), _grouped_gemm_spec(), _weight_grad_spec(), *_combine_specs()]
+    specs = [_topk_spec(), _grouped_gemm_spec(), _weight_grad_spec(), _scale_rows_spec(),
+             *_combine_specs()]
     try:
         importlib.import_module(f"{PACKAGE}.switch_modulation_bwd")
         specs += _switch_modulation_specs()
@@ -423,6 +466,8 @@ class Result:
     async_copies: int = 0
     seconds: float = 0.0
     error: str = ""
+    pipe: str = "-"               # wgmma pipelining: ok / serial / c7515 / "-" (no wgmma)
+    pipe_why: str = ""
 
 
 def describe(exc: BaseException) -> str:
@@ -448,16 +493,89 @@ def compile_one(fn, spec, variant, dtype_label, cc, tile, warps, stages, want_re
         raise
     except Exception as exc:  # noqa: BLE001 - any compiler error is the finding
         return Result(False, error=describe(exc), seconds=time.time() - t0)
-    md = kernel.metadata
+    r = result_of(kernel.metadata, kernel.asm, want_resources)
+    r.seconds = time.time() - t0
+    return r
+
+
+def result_of(md, asm, want_resources: bool) -> Result:
+    """A compiled kernel's reading: shared memory, registers, spills, MMA kind, wgmma pipelining."""
     shared = md.shared if hasattr(md, "shared") else md["shared"]
-    res = resource_usage(kernel.asm.get("cubin", b"")) if want_resources else {}
-    ttgir = kernel.asm.get("ttgir", "")
+    res = resource_usage(asm.get("cubin", b"")) if want_resources else {}
+    ttgir = asm.get("ttgir", "")
+    ptx = asm.get("ptx", "")
+    mma = mma_kind(ptx) if "tt.dot" in asm.get("ttir", "") else "-"
+    pipe, why = wgmma_pipelining(ptx) if mma == "wgmma" else ("-", "")
     return Result(True, shared=int(shared), regs=res.get("REG", -1),
-                  spill=res.get("STACK", 0) + res.get("LOCAL", 0),
-                  mma=mma_kind(kernel.asm.get("ptx", "")) if "tt.dot" in kernel.asm.get("ttir", "")
-                  else "-",
-                  async_copies=ttgir.count("async_copy_global_to_local"),
-                  seconds=time.time() - t0)
+                  spill=res.get("STACK", 0) + res.get("LOCAL", 0), mma=mma,
+                  async_copies=ttgir.count("async_copy_global_to_local"), pipe=pipe,
+                  pipe_why=why)
+
+
+_WAIT_GROUP = re.compile(r"wgmma\.wait_group(?:\.sync)?(?:\.aligned)?\s+(\d+)")
+
+
+def wgmma_pipelining(ptx: str):
+    """("ok" | "serial" | "c7515", why) for a kernel whose PTX issues wgmma.
+
+    serial: every ``wgmma.wait_group N`` has N = 0, i.e. the kernel waits for each MMA it issues
+    before the next load/merge: no MMA in flight while the CUDA cores work, the tensor cores idle.
+    c7515: ptxas itself serialised the wgmma chain (its performance warning C7515, e.g. a register
+    operand written between two wgmma). Both are what the gate fails on."""
+    waits = sorted({int(n) for n in _WAIT_GROUP.findall(ptx)})
+    log = ptxas_log(ptx)
+    m = re.search(r"\(C7515\)[^\n]*", log)
+    if m:
+        return "c7515", m.group(0)[:200]
+    if waits and max(waits) == 0:
+        return "serial", "only wgmma.wait_group 0 in the PTX (no MMA kept in flight)"
+    return "ok", f"wait_group {','.join(map(str, waits))}"
+
+
+def _ptxas():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - older/newer layouts: fall back to the bundled binary
+        import triton.backends.nvidia as nv
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+        return path if os.path.exists(path) else shutil.which("ptxas")
+
+
+def _ptxas_cache_dir() -> str:
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton",
+                                                              "cache")
+    path = os.path.join(base, "compile_check_ptxas")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def ptxas_log(ptx: str) -> str:
+    """ptxas -v's messages for ``ptx`` (Triton discards them). Triton's cache skips ptxas on a
+    repeat run, so the log is cached beside it, keyed by the PTX's hash: a few seconds per new
+    kernel the first time, nothing after."""
+    import hashlib
+    tool = _ptxas()
+    if tool is None or not ptx:
+        return ""
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M)
+    gpu = arch.group(1) if arch else "sm_90a"
+    key = hashlib.sha256((gpu + ptx).encode()).hexdigest()[:32]
+    cached = os.path.join(_ptxas_cache_dir(), key + ".log")
+    if os.path.exists(cached):
+        with open(cached) as f:
+            return f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([tool, "-v", f"--gpu-name={gpu}", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    with open(cached + ".tmp", "w") as f:
+        f.write(log)
+    os.replace(cached + ".tmp", cached)
+    return log
 
 
 def pruner_keeps(spec, prune, configs, dtype_label, consts):
@@ -502,6 +620,8 @@ class FakeCudaDriver:
         from triton.backends.compiler import GPUTarget
         self.target = GPUTarget("cuda", cc, 32)
         self.compiled = []
+        self.asm = {}
+        self.labels = {}
         self.utils = SimpleNamespace(
             get_device_properties=lambda device: {
                 "max_shared_mem": SMEM_LIMIT.get(cc, SMEM_LIMIT[80]), "multiprocessor_count": 132,
@@ -527,8 +647,25 @@ class FakeCudaDriver:
 
     def launcher_cls(self, src, metadata):
         name = getattr(getattr(src, "fn", None), "__name__", getattr(metadata, "name", "?"))
+        # The caller is CompiledKernel._init_handles (Triton 3.6 and 3.9): its asm holds the PTX
+        # and cubin the gate reads.
+        caller = sys._getframe(1).f_locals.get("self")
         self.compiled.append((name, metadata))
+        self.asm[id(metadata)] = dict(getattr(caller, "asm", {}) or {})
+        self.labels[id(metadata)] = launch_label(src, metadata)
         return lambda *args, **kwargs: None
+
+
+def launch_label(src, md) -> str:
+    """The launch's tile constexprs and options, e.g. "[64x128x128 w8 s3]"."""
+    names = getattr(getattr(src, "fn", None), "arg_names", [])
+    tiles = []
+    for key, value in (getattr(src, "constants", None) or {}).items():
+        index = key[0] if isinstance(key, tuple) else key
+        name = names[index] if isinstance(index, int) and index < len(names) else str(index)
+        if name.startswith("BLOCK"):
+            tiles.append(str(value))
+    return f"[{'x'.join(tiles)} w{getattr(md, 'num_warps', '?')} s{getattr(md, 'num_stages', '?')}]"
 
 
 def launch_cases(dtype: torch.dtype):
@@ -593,11 +730,27 @@ def launch_cases(dtype: torch.dtype):
                                                       leaf(experts, dim, dim),
                                                       leaf(experts, dim), g, ids))
                 return run
+            def with_prepass(thunk):
+                def run():
+                    old = os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS")
+                    os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = "1"
+                    try:
+                        thunk()
+                    finally:
+                        if old is None:
+                            os.environ.pop("SWITCH_DIT_SMOD_DX_PREPASS")
+                        else:
+                            os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = old
+                return run
             cases += [
                 ("switch_modulation k=2 E=3", smod(2, 256, 1152, 3, 2, False)),
                 ("switch_modulation k=1 E=3", smod(2, 256, 1152, 3, 1, False)),
                 ("switch_modulation k=4 E=5", smod(2, 256, 1152, 5, 4, False)),
                 ("switch_modulation shared [1,k]", smod(2, 256, 1152, 3, 2, True)),
+                # opt-in: SWITCH_DIT_SMOD_DX_PREPASS=1 (u formed by a separate pass)
+                ("switch_modulation k=2 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, False))),
+                ("switch_modulation k=1 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 1, False))),
+                ("switch_modulation shared u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, True))),
             ]
     return cases
 
@@ -613,15 +766,19 @@ def run_launch_check(args) -> int:
     failures = []
     wanted = [w for w in args.kernels.split(",") if w]
     print(f"triton {triton.__version__}: launch path on sm_{cc} (fake driver, nothing runs); "
-          f"SWITCH_DIT_AUTOTUNE={os.environ.get('SWITCH_DIT_AUTOTUNE', '1')}")
+          f"SWITCH_DIT_AUTOTUNE={os.environ.get('SWITCH_DIT_AUTOTUNE', '1')}; per case: kernels "
+          f"compiled, wgmma kernels serialised (only wait_group 0, or ptxas C7515), spills")
+    dtype_labels = [d for d in args.dtypes.split(",") if d in TORCH_DTYPES]
+    todo = [(d, name, thunk) for d in dtype_labels for name, thunk in launch_cases(TORCH_DTYPES[d])
+            if not wanted or any(w in name for w in wanted)]
+    start = time.time()
+    seen = set()  # kernel hashes already read (a kernel compiled by two cases is reported once)
     try:
-        for dtype_label in [d for d in args.dtypes.split(",") if d in TORCH_DTYPES]:
+        for done, (dtype_label, name, thunk) in enumerate(todo, 1):
             dtype = TORCH_DTYPES[dtype_label]
             old_tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = dtype_label == "fp32-tf32"
-            for name, thunk in launch_cases(dtype):
-                if wanted and not any(w in name for w in wanted):
-                    continue
+            if True:
                 fake.compiled.clear()
                 t0 = time.time()
                 try:
@@ -631,11 +788,34 @@ def run_launch_check(args) -> int:
                     error = describe(exc)
                 kernels = sorted({n for n, _ in fake.compiled})
                 too_big = [(n, md.shared) for n, md in fake.compiled if md.shared > limit]
-                status = "FAIL" if error else "ok"
+                seconds = time.time() - t0
+                serial, spills, n_wgmma = [], [], 0
+                for n, md in fake.compiled:
+                    key = getattr(md, "hash", None) or id(md)
+                    r = result_of(md, fake.asm.get(id(md), {}), want_resources=True)
+                    n_wgmma += r.mma == "wgmma"
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    if r.pipe in ("serial", "c7515"):
+                        serial.append(f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.pipe} "
+                                      f"({r.pipe_why})")
+                    if r.spill > 0:
+                        spills.append(f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.spill} B "
+                                      f"stack/spill, {r.regs} registers")
+                status = "FAIL" if error else ("SERIAL" if serial else
+                                               ("SPILL" if spills else "ok"))
                 smem = max((md.shared for _, md in fake.compiled), default=0) / 1024
-                print(f"{name:<40} {dtype_label:<9} {status:<5} {len(fake.compiled):>3} new, "
-                      f"max smem {smem:6.1f} KB, {time.time() - t0:5.1f} s  "
+                secs = int(time.time() - start)
+                print(f"{done:>3}/{len(todo):<3} {secs // 60:>2}:{secs % 60:02d} {name:<38} "
+                      f"{dtype_label:<9} {status:<6} {len(fake.compiled):>3} new "
+                      f"({n_wgmma} wgmma, {len(serial)} serial, {len(spills)} spill), "
+                      f"max smem {smem:6.1f} KB, {seconds:5.1f} s  "
                       f"{' '.join(k.lstrip('_') for k in kernels)}", flush=True)
+                for line in serial + spills:
+                    print("    " + line)
+                if args.gate:
+                    failures += [f"{name} {dtype_label}: {line}" for line in serial + spills]
                 for n, shared in too_big:
                     print(f"    note: a {n} config needs {shared} B shared > {limit} B "
                           f"(the autotuner skips it; a lone config would raise OutOfResources)")
@@ -667,6 +847,8 @@ def plan(configs, kept, variant: Variant, cc: int, mode: str):
     if mode == "all" or (mode == "default" and variant.main and cc == 90):
         labels = {config_label(c) for c in configs}
         chosen = list(configs) + [c for c in kept if config_label(c) not in labels]
+    elif mode == "kept":
+        chosen = kept or configs[:1]
     else:
         chosen = kept[:1] or configs[:1]
     return [(c, dict(c.kwargs), c.num_warps, c.num_stages) for c in chosen]
@@ -676,7 +858,8 @@ def verdict(r: Result, kept: bool, limit: int, cc: int) -> str:
     """FAIL (compile error, or a kept config over sm_90's shared-memory limit), smem (the same on
     another target: the pruners are calibrated for sm_90's 227 KB, and the autotuner skips a
     config that raises OutOfResources), too-big (over the limit and dropped by the pruner:
-    correct), unused (dropped by the pruner), spill, ok."""
+    correct), unused (dropped by the pruner), serial (a kept wgmma kernel that keeps no MMA in
+    flight, or that ptxas serialised: C7515), spill, ok."""
     if not r.ok:
         return "FAIL"
     if r.shared > limit:
@@ -685,6 +868,8 @@ def verdict(r: Result, kept: bool, limit: int, cc: int) -> str:
         return "FAIL" if cc == 90 else "smem"
     if not kept:
         return "unused"
+    if r.pipe in ("serial", "c7515"):
+        return "serial"
     return "spill" if r.spill > 0 else "ok"
 
 
@@ -718,13 +903,18 @@ def check_spec(spec: KernelSpec, args, targets, dtypes, report):
                     is_kept = cfg is None or label in kept_labels
                     results.append((label, r, verdict(r, is_kept, limit, cc)))
                 where = f"{qual} [{variant.name}] {dtype_label} sm_{cc}"
-                print_row(qual, variant.name, dtype_label, cc, results, args.strict)
+                report["done"] += 1
+                print_row(qual, variant.name, dtype_label, cc, results, args.strict,
+                          progress(report))
                 for label, r, v in results:
                     if v == "FAIL":
                         why = r.error or f"needs {r.shared} B of shared memory > {limit} B, and " \
                                          f"the pruner keeps it for a realistic problem"
                         report["failures"].append(f"{where} {label}: {why}")
-                    elif v == "spill":
+                    if v == "serial":
+                        msg = f"{where} {label}: wgmma {r.pipe}: {r.pipe_why}"
+                        report["failures" if args.gate else "warnings"].append(msg)
+                    if v in ("spill", "serial") and r.spill > 0:
                         msg = f"{where} {label}: {r.spill} B stack/spill, {r.regs} registers"
                         report["failures" if args.strict else "warnings"].append(msg)
                     elif v == "smem":
@@ -735,8 +925,31 @@ def check_spec(spec: KernelSpec, args, targets, dtypes, report):
                         report["configs"].append((qual, variant.name, dtype_label, cc, label, r, v))
 
 
-def print_row(qual, variant, dtype_label, cc, results, strict):
-    used = [r for _, r, v in results if v in ("ok", "spill", "smem")]
+def progress(report) -> str:
+    """"k/n mm:ss": rows done of the run's total, time since the start."""
+    secs = int(time.time() - report["t0"])
+    return f"{report['done']:>3}/{report['total']:<3} {secs // 60:>2}:{secs % 60:02d}"
+
+
+PIPE_RANK = {"-": 0, "ok": 1, "serial": 2, "c7515": 3}
+
+
+def row_count(spec: KernelSpec, fn, dtypes, targets) -> int:
+    """Table rows check_spec prints for ``spec`` (the progress counter's denominator)."""
+    variants = spec.variants() if callable(spec.variants) else spec.variants
+    rows = 0
+    for dtype_label in dtypes:
+        if dtype_label == "fp64" and "fp64" not in spec.dtypes:
+            continue
+        if dtype_label == "fp32-tf32" and not any(
+                n in fn.arg_names for n in ("PRECISION", "DOT_PRECISION")):
+            continue
+        rows += len(variants) * len(targets)
+    return rows
+
+
+def print_row(qual, variant, dtype_label, cc, results, strict, where_in_run=""):
+    used = [r for _, r, v in results if v in ("ok", "spill", "smem", "serial")]
     verdicts = {v for _, _, v in results}
     status = "FAIL" if "FAIL" in verdicts else ("SPILL" if strict and "spill" in verdicts else (
         "warn" if verdicts & {"spill", "smem"} else "ok"))
@@ -746,18 +959,26 @@ def print_row(qual, variant, dtype_label, cc, results, strict):
     spill = max((r.spill for r in used), default=0)
     mma = ",".join(sorted({r.mma for r in used})) or "?"
     cp = min((r.async_copies for r in used), default=0)
+    pipe = max((r.pipe for r in used), key=PIPE_RANK.get, default="-")
     secs = sum(r.seconds for _, r, _ in results)
-    print(f"{qual:<44.44} {variant:<26.26} {dtype_label:<9} {cc:>3} {f'{n_ok}/{len(results)}':>5} "
-          f"{status:<6} {smem:>8.1f} {regs if regs >= 0 else '?':>4} {spill:>6} {mma:<5.5} "
-          f"{cp:>8} {secs:>6.1f}", flush=True)
+    if "serial" in verdicts and status != "FAIL":
+        status = "SERIAL"
+    print(f"{where_in_run} {qual:<44.44} {variant:<26.26} {dtype_label:<9} {cc:>3} "
+          f"{f'{n_ok}/{len(results)}':>5} {status:<6} {smem:>8.1f} {regs if regs >= 0 else '?':>4} "
+          f"{spill:>6} {mma:<5.5} {pipe:<6} {cp:>8} {secs:>6.1f}", flush=True)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="90,80", help="compute capabilities, e.g. 90,80")
-    ap.add_argument("--dtypes", default="fp16,bf16,fp32,fp32-tf32,fp64",
-                    help="fp16,bf16,fp32 (IEEE dots),fp32-tf32,fp64 (fp64: kernels that take it)")
-    ap.add_argument("--configs", choices=("quick", "default", "all"), default="default")
+    ap.add_argument("--targets", default=None,
+                    help="compute capabilities, e.g. 90,80 (default 90,80; --gate: 90)")
+    ap.add_argument("--dtypes", default=None,
+                    help="fp16,bf16,fp32 (IEEE dots),fp32-tf32,fp64 (fp64: kernels that take it); "
+                         "default all of them, --launch bf16,fp32, --gate bf16")
+    ap.add_argument("--configs", choices=("quick", "kept", "default", "all"), default=None,
+                    help="quick: first kept config; kept: every config the pruner keeps for a "
+                         "realistic problem; default: kept + a sweep of the main variants at "
+                         "sm_90; all: every config everywhere (default: default; --gate: kept)")
     ap.add_argument("--kernels", default="", help="comma-separated substrings of kernel names")
     ap.add_argument("--per-config", action="store_true", help="also list every swept config")
     ap.add_argument("--strict", action="store_true", help="register spills count as failures")
@@ -765,7 +986,18 @@ def main(argv=None) -> int:
     ap.add_argument("--launch", action="store_true",
                     help="instead: run the public Triton entry points (fwd + bwd) through the JIT "
                          "with a fake driver (first target only); default dtypes bf16,fp32")
+    ap.add_argument("--gate", action="store_true",
+                    help="the Hopper codegen gate: sm_90, bf16, every kept config, then the launch "
+                         "path; fails on a serialised wgmma kernel (only wait_group 0, or ptxas "
+                         "C7515) or a spill, besides compile errors")
     args = ap.parse_args(argv)
+    if args.gate:
+        args.strict = True
+    args.targets = args.targets or ("90" if args.gate else "90,80")
+    args.configs = args.configs or ("kept" if args.gate else "default")
+    if args.dtypes is None:
+        args.dtypes = "bf16" if args.gate else ("bf16,fp32" if args.launch else
+                                                "fp16,bf16,fp32,fp32-tf32,fp64")
 
     if args.fresh:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-compile-check-")
@@ -777,16 +1009,27 @@ def main(argv=None) -> int:
         print(f"this Triton cannot compile for CUDA here: {exc}")
         return 2
     if args.launch:
-        if "--dtypes" not in " ".join(sys.argv if argv is None else argv):
-            args.dtypes = "bf16,fp32"
         return run_launch_check(args)
+    rc = run_spec_check(args)
+    if args.gate:
+        print()
+        rc = max(rc, run_launch_check(args))
+        print(f"\ngate: {'FAILED' if rc else 'passed'} (sm_{args.targets.split(',')[0]}, "
+              f"{args.dtypes}, configs {args.configs}, launch path "
+              f"SWITCH_DIT_AUTOTUNE={os.environ.get('SWITCH_DIT_AUTOTUNE', '1')})")
+    return rc
+
+
+def run_spec_check(args) -> int:
+    """Every kernel spec x variant x dtype x target: one table row each."""
     targets = [int(t) for t in args.targets.split(",") if t]
     dtypes = [d for d in args.dtypes.split(",") if d]
     wanted = [w for w in args.kernels.split(",") if w]
     print(f"triton {triton.__version__}, torch {torch.__version__}, python "
           f"{sys.version.split()[0]}; targets {targets}; configs: {args.configs}")
 
-    report = {"failures": [], "warnings": [], "configs": []}
+    report = {"failures": [], "warnings": [], "configs": [], "done": 0, "total": 0,
+              "t0": time.time()}
     specs = all_specs()
     covered = set()
     for spec in specs:
@@ -798,13 +1041,18 @@ def main(argv=None) -> int:
         if qual not in covered:
             report["failures"].append(f"{qual}: a JIT kernel with no spec in compile_check.py")
 
-    header = (f"{'kernel':<44} {'variant':<26} {'dtype':<9} {'sm':>3} {'cfgs':>5} {'status':<6} "
-              f"{'smem KB':>8} {'regs':>4} {'spill':>6} {'mma':<5} {'cp.async':>8} {'s':>6}")
+    specs = [s for s in specs if not wanted or any(w in f"{s.module}.{s.attr}" for w in wanted)]
+    for spec in specs:
+        try:
+            report["total"] += row_count(spec, resolve(spec)[0], dtypes, targets)
+        except Exception:  # noqa: BLE001 - reported by check_spec below
+            pass
+    header = (f"{'row':>3}/{'n':<3} {'m:ss':>5} {'kernel':<44} {'variant':<26} {'dtype':<9} "
+              f"{'sm':>3} {'cfgs':>5} {'status':<6} {'smem KB':>8} {'regs':>4} {'spill':>6} "
+              f"{'mma':<5} {'pipe':<6} {'cp.async':>8} {'s':>6}")
     print(header)
     print("-" * len(header))
     for spec in specs:
-        if wanted and not any(w in f"{spec.module}.{spec.attr}" for w in wanted):
-            continue
         try:
             check_spec(spec, args, targets, dtypes, report)
         except Exception as exc:  # noqa: BLE001 - a broken spec must not hide the other kernels
@@ -818,8 +1066,8 @@ def main(argv=None) -> int:
                   f"smem {r.shared / 1024:>6.1f} KB  regs {r.regs if r.regs >= 0 else '?':>3}  "
                   f"spill {r.spill:>6}  {v}")
     if report["warnings"]:
-        print("\nwarnings (register spills, or sm_80 shared memory, in configs the autotuner may "
-          "pick):")
+        print("\nwarnings (register spills, serialised wgmma, or sm_80 shared memory, in configs the "
+              "autotuner may pick):")
         for w in report["warnings"]:
             print("  " + w)
     if report["failures"]:

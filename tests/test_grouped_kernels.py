@@ -1,5 +1,6 @@
 """Grouped-GEMM kernels (grouped_gemm, weight_grad, combine) vs their *_torch twins, launched on
 NaN-poisoned output buffers so that any element a kernel fails to write shows up."""
+import inspect
 import os
 import subprocess
 import sys
@@ -97,22 +98,24 @@ def test_grouped_gemm_float16_sorted_input():
     torch.testing.assert_close(out, grouped_gemm_torch(a, w, meta), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("gather_a,gather_b,use_scale,split", [
-    (True, True, True, 3),     # expert_linear: x^T (g * dY), both read through the sorted index
-    (False, True, True, 1),    # MLP dW2: h^T (g * dY), h already sorted
-    (True, False, False, 2),   # MLP dW1: x^T d(pre)
+@pytest.mark.parametrize("gather_a,gather_b,use_scale,split,k_dim,n_out", [
+    (True, True, True, 3, 37, 24),   # expert_linear: x^T (g * dY), both read through the index
+    (False, True, True, 1, 37, 24),  # MLP dW2: h^T (g * dY), h already sorted
+    (True, False, False, 2, 37, 24),  # MLP dW1: x^T d(pre)
+    (True, False, True, 1, 70, 80),  # sorted dO with a scale; 3 x 3 tiles of dW[e] in groups of
+                                     # 2 K tiles (the last group partial): every tile written once
 ])
-def test_weight_grad(gather_a, gather_b, use_scale, split):
+def test_weight_grad(gather_a, gather_b, use_scale, split, k_dim, n_out):
     # split > 1 cuts each expert's rows into chunks (some empty for experts with few rows) whose
     # float32 partials are summed in a fixed order.
     meta = routing(*META_ARGS)
     num_tokens = meta.num_routes * meta.tokens_per_route
-    a = randn(num_tokens if gather_a else meta.num_sorted_rows, 37)
-    b = randn(num_tokens if gather_b else meta.num_sorted_rows, 24)
+    a = randn(num_tokens if gather_a else meta.num_sorted_rows, k_dim)
+    b = randn(num_tokens if gather_b else meta.num_sorted_rows, n_out)
     scale = rand(meta.sorted_pairs.numel()) if use_scale else None
     want_dw, want_db = weight_grad_torch(a, b, meta, gather_a=gather_a, gather_b=gather_b,
                                          scale=scale, with_bias=True)
-    out, bias_out = poisoned(6, 37, 24), poisoned(6, 24)
+    out, bias_out = poisoned(6, k_dim, n_out), poisoned(6, n_out)
     dw, db = weight_grad(a, b, meta, gather_a=gather_a, gather_b=gather_b, scale=scale,
                          with_bias=True, split=split, out=out, bias_out=bias_out)
     assert dw is out and db is bias_out
@@ -194,10 +197,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         assert k.asm["ttgir"].count("async_copy_global_to_local") >= 2, v
     w = weight_grad._weight_grad_body
     build(w, {"K", "N_OUT", "stride_am", "stride_bm", "stride_dw_split", "stride_db_split"},
-          dict(a_ptr=bf, b_ptr=bf, scale_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32",
+          dict(a_ptr=bf, b_ptr=bf, dw_ptr="*fp32", db_ptr="*fp32",
                offsets_ptr="*i32", sorted_pairs_ptr="*i32"),
-          dict(GATHER_A=True, GATHER_B=True, HAS_SCALE=True, HAS_DB=True, PRECISION="tf32",
-               ACC=tl.float32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128))
+          dict(GATHER_A=True, GATHER_B=True, HAS_DB=True, PRECISION="tf32",
+               ACC=tl.float32, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_K=8))
+    build(weight_grad._scale_sorted_rows_kernel, {"N_OUT", "stride_bm"},
+          dict(b_ptr=bf, scale_ptr="*fp32", out_ptr=bf, sorted_pairs_ptr="*i32"),
+          dict(GATHER_B=True, ACC=tl.float32, BLOCK_R=32, BLOCK_N=128), warps=4)
     build(combine._combine_kernel, {"D", "stride_h", "stride_y"},
           dict(h_ptr=bf, gate_ptr="*fp32", pair_to_sorted_ptr="*i32", y_ptr=bf),
           dict(HAS_GATE=True, ACC=tl.float32, BLOCK_T=16, BLOCK_D=256), warps=4)
@@ -226,3 +232,73 @@ def test_kernels_compile_for_sm90():
     if "NO_CUDA_BACKEND" in proc.stdout:
         pytest.skip("Triton's CUDA backend is not available here")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_nan_in_one_token_stays_in_its_experts():
+    # Token routing (N = 1, k = 2, E = 5): a NaN in token 0's x and dY rows reaches dW / db of the
+    # two experts token 0 uses, token 0's combined output and its gate gradients, nothing else.
+    meta = routing(11, 2, 1, 5, "random")
+    x, dy = randn(11, 24), randn(11, 16)
+    scale = rand(meta.sorted_pairs.numel())
+    x_nan, dy_nan = x.clone(), dy.clone()
+    x_nan[0, 3] = NAN
+    dy_nan[0, 5] = NAN
+    used = set()
+    sorted_rows = meta.sorted_row_sources().tolist()
+    offsets = meta.expert_offsets.tolist()
+    for e in range(5):
+        if 0 in sorted_rows[offsets[e]:offsets[e + 1]]:
+            used.add(e)
+    assert len(used) == 2
+    free = [e for e in range(5) if e not in used]
+    dw, db = weight_grad(x_nan, dy_nan, meta, gather_a=True, gather_b=True, scale=scale,
+                         with_bias=True, split=2)
+    dw_c, db_c = weight_grad(x, dy, meta, gather_a=True, gather_b=True, scale=scale,
+                             with_bias=True, split=2)
+    assert torch.isnan(dw[sorted(used)]).any()
+    torch.testing.assert_close(dw[free], dw_c[free], rtol=0, atol=0)
+    torch.testing.assert_close(db[free], db_c[free], rtol=0, atol=0)
+    h = randn(meta.num_sorted_rows, 16)
+    h_nan = h.clone()
+    h_nan[sorted_rows.index(0)] = NAN  # one of token 0's expert rows
+    y, y_c = combine(h_nan, meta, scale), combine(h, meta, scale)
+    torch.testing.assert_close(y[1:], y_c[1:], rtol=0, atol=0)
+    dg, dg_c = gate_grad(dy_nan, h_nan, meta), gate_grad(dy, h, meta)
+    torch.testing.assert_close(dg[1:], dg_c[1:], rtol=0, atol=0)
+
+
+def test_autotune_keys_hold_every_kernel_constexpr():
+    # A constexpr missing from an autotuner's key lets one variant (e.g. PREMERGED, STORE_Y) reuse
+    # the config timed for another. Every constexpr of each tuned kernel is either in the key or
+    # set by the configs; ACC follows the dtype, which Triton adds to the key itself.
+    import triton
+    from switch_dit_kernels.kernels import grouped_gemm as gg, switch_modulation as sm
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb, weight_grad as wg
+    tuned = [gg._kernel(), wg._kernel(), sm._switch_modulation_fwd_kernel,
+             smb._switch_modulation_dx_kernel, smb._switch_modulation_dw_kernel]
+    for tuner in tuned:
+        assert isinstance(tuner, triton.runtime.autotuner.Autotuner)
+        fn = tuner.fn
+        while hasattr(fn, "fn"):  # Heuristics / JITFunction / the interpreter's wrapper
+            fn = fn.fn
+        by_config = {name for c in tuner.configs for name in c.kwargs}
+        constexprs = {name for name, p in inspect.signature(fn).parameters.items()
+                      if "constexpr" in str(p.annotation)}
+        assert "BLOCK_M" in constexprs or "BLOCK_I" in constexprs, fn.__name__
+        missing = constexprs - set(tuner.keys) - by_config - {"ACC"}
+        assert not missing, f"{fn.__name__}: constexprs {sorted(missing)} not in the autotune key"
+
+
+def test_autotune_cache_switch(monkeypatch):
+    # Persistent autotune results (Triton's cache_results) on GPUs by default, off with
+    # SWITCH_DIT_AUTOTUNE_CACHE=0 and always off in the interpreter (nothing is timed there).
+    from switch_dit_kernels.kernels import tuning
+    assert not tuning.autotune_cache_enabled() or not tuning.triton_interpreting()
+    monkeypatch.setattr(tuning, "triton_interpreting", lambda: False)
+    monkeypatch.delenv("SWITCH_DIT_AUTOTUNE_CACHE", raising=False)
+    assert tuning.autotune_cache_enabled()
+    monkeypatch.setenv("SWITCH_DIT_AUTOTUNE_CACHE", "0")
+    assert not tuning.autotune_cache_enabled()
+    monkeypatch.setattr(tuning, "triton_interpreting", lambda: True)
+    monkeypatch.delenv("SWITCH_DIT_AUTOTUNE_CACHE", raising=False)
+    assert not tuning.autotune_cache_enabled()

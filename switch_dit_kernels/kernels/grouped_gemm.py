@@ -155,8 +155,11 @@ def _kernel():
     if _tuned_kernel is None:
         _tuned_kernel = triton.autotune(
             configs=tuning.grouped_gemm_configs(),
-            key=["K", "N_OUT", "GATHER_A", "ACT", "GATED", "ACT_BWD"],
+            # Every constexpr that changes the compiled kernel (the dtypes are added by Triton).
+            key=["K", "N_OUT", "GATHER_A", "SCATTER_OUT", "HAS_BIAS", "HAS_SCALE", "ACT", "GATED",
+                 "STORE_PRE", "ACT_BWD", "PRECISION", "EVEN_K", "EVEN_N", "BLOCK_E"],
             prune_configs_by={"early_config_prune": tuning.prune_gemm_configs},
+            cache_results=tuning.autotune_cache_enabled(),
         )(_grouped_gemm_kernel)
     return _tuned_kernel
 

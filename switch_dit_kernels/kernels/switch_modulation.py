@@ -36,12 +36,13 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from .tuning import autotuning_enabled
+from .tuning import autotune_cache_enabled, autotuning_enabled
 
 # ----------------------------------------------------------------------------------------------
 # Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
 # The space is BLOCK_M 64/128, BLOCK_N 64/128/256, BLOCK_K 32/64, 4/8 warps, 3/4 stages; by default
-# a curated 10 of its 48 points (each config costs a compilation, ~1 s, on the first call per key);
+# a curated 10 of its 48 points plus one 256-row tile (each config costs a compilation, ~1 s, on
+# the first call per key);
 # SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48; SWITCH_DIT_AUTOTUNE=0 keeps the first that fits
 # (one compilation per key, the same bits in every process). Under the interpreter a single small
 # config: no benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
@@ -53,6 +54,10 @@ _CURATED = [
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
     (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
     (64, 256, 32, 8, 4), (64, 64, 64, 4, 3),
+    # One sample of N = 256 per M tile: each merged W~ chunk feeds twice the MMA work of a 128-row
+    # tile (half the merges per MMA). Still waits for every wgmma (the merged tile is one shared
+    # buffer) but no spill on sm_90 (Triton 3.6 bf16: 140-166 regs); the autotuner decides on a GPU.
+    (256, 64, 64, 8, 3),
 ]
 
 
@@ -92,7 +97,11 @@ def prune_fwd_configs(configs, named_args, **kwargs):
         smem = c.num_stages * (row_tiles * bm * bk + loads * bk * bn) * elt
         if smem > _SMEM_BYTES or bn > max_n or bm > max_m or bk > max(32, triton.next_power_of_2(dim)):
             continue
-        if bm * bn >= 128 * 256 and c.num_warps < 8:  # a 128x256 fp32 accumulator needs 8 warps
+        # At most 64 fp32 accumulator values a thread: the epilogue (r = x * (1 + acc), y / u / dx
+        # stores) needs registers beside them. Triton 3.6 sm_90 bf16 (compile_check --gate): every
+        # config at 128 values a thread (128x128 w4, 128x256 w8) spilled 16-608 B in the fwd or dx
+        # kernel, none at 64.
+        if bm * bn > 64 * 32 * c.num_warps:
             continue
         kept.append(c)
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits
@@ -180,8 +189,12 @@ def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
     return bt
 
 
-@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
-                 prune_configs_by={"early_config_prune": prune_fwd_configs})
+# Keyed on every constexpr that changes the compiled kernel (PREMERGED / STORE_Y: another loop body
+# and epilogue), so no variant reuses a config timed on another.
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "HAS_BIAS", "PREMERGED", "STORE_Y",
+                                             "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_fwd_configs},
+                 cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_fwd_kernel(
         x_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, r_ptr, y_ptr,

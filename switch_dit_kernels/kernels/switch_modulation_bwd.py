@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from .tuning import autotuning_enabled
+from .tuning import autotune_cache_enabled, autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
     prune_fwd_configs, unit_row_tile, unit_tile_grid,
@@ -58,17 +58,23 @@ from .switch_modulation import (
 # ----------------------------------------------------------------------------------------------
 # dx = dR * (1 + y) + (dR * x) @ W~^T, and u = dR * x written over y.
 # ----------------------------------------------------------------------------------------------
-@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP"],
+@triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
+                                             "U_GIVEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
-                 restore_value=["y_ptr"])  # benchmarking reruns the kernel; y -> u is not idempotent
+                 restore_value=["y_ptr"],  # benchmarking reruns the kernel; y -> u is not idempotent
+                 cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_dx_kernel(
         dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr,
         N_u, D,
         K_EXP: tl.constexpr, PREMERGED: tl.constexpr, STORE_U: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        U_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile)."""
+    """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile).
+
+    U_GIVEN (the u pre-pass ran, `_u_prepass_kernel`): y_ptr holds u and dx_ptr dR * (1 + y);
+    the main loop reads u as a plain operand (nothing computed between its load and the MMA) and
+    the epilogue adds the GEMM to dx."""
     unit, tile_base, lm, mask_m, cols, mask_n = unit_row_tile(N_u, D, BLOCK_M, BLOCK_N)
     in_ty = x_ptr.dtype.element_ty
     dr_tile = dr_ptr + tile_base
@@ -80,9 +86,12 @@ def _switch_modulation_dx_kernel(
         mask_k = kk < D
         a_offs = lm[:, None] * D + kk[None, :]
         a_mask = mask_m[:, None] & mask_k[None, :]
-        # u = dR * x on the fly, rounded to the input dtype as autograd's own product would be
-        u = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-             * tl.load(x_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)).to(in_ty)
+        if U_GIVEN:
+            u = tl.load(y_ptr + tile_base + a_offs, mask=a_mask, other=0.0)
+        else:
+            # u = dR * x on the fly, rounded to the input dtype as autograd's own product would be
+            u = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+                 * tl.load(x_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)).to(in_ty)
         wt = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
                               mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED, True)
         acc = tl.dot(u, wt.to(in_ty), acc, input_precision=DOT_PRECISION)
@@ -91,6 +100,12 @@ def _switch_modulation_dx_kernel(
 
     offs = lm[:, None] * D + cols[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    if U_GIVEN:
+        # dR * (1 + y) was rounded to dx's dtype by the pre-pass: two roundings, as autograd's
+        # own dx = dR * m + (dR * x) @ W~^T has.
+        dx_pw = tl.load(dx_ptr + tile_base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + tile_base + offs, (dx_pw + acc).to(dx_ptr.dtype.element_ty), mask=mask)
+        return
     dr = tl.load(dr_tile + offs, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + tile_base + offs, mask=mask, other=0.0).to(tl.float32)
     dx = dr * (1.0 + y) + acc
@@ -103,14 +118,66 @@ def _switch_modulation_dx_kernel(
         tl.store(y_ptr + tile_base + offs, (dr * x).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bool, store_u: bool) -> None:
-    """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D])."""
+def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bool, store_u: bool,
+              u_given: bool = False) -> None:
+    """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D]).
+    u_given: `launch_u_prepass` ran (y holds u, dx holds dR * (1 + y))."""
     num_units, k = ids.shape
     dim = x.shape[-1]
     _switch_modulation_dx_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
         dr, x, weight, g, ids, y, dx, rows_per_unit, dim,
-        K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u,
-        DOT_PRECISION=dot_precision(x.dtype))
+        K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u and not u_given,
+        U_GIVEN=u_given, DOT_PRECISION=dot_precision(x.dtype))
+
+
+def u_prepass_enabled() -> bool:
+    """SWITCH_DIT_SMOD_DX_PREPASS=1: the backward forms u = dR * x (and its per-unit sums) in a
+    separate elementwise pass, so the dx GEMM reads u as a plain pipelined operand. Opt-in until a
+    GPU run times it against the fused u (which the Triton 3.6 sm_90 code serialises: only
+    wgmma.wait_group 0, or ptxas C7515, in every dx variant)."""
+    return os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS", "0") == "1"
+
+
+@triton.jit
+def _u_prepass_kernel(dr_ptr, x_ptr, y_ptr, dx_ptr, usum_ptr, M, N_u, D,
+                      WRITE_DX: tl.constexpr, WRITE_USUM: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (unit, BLOCK_D columns): u = dR * x over y, dx = dR * (1 + y), and
+    usum[unit] = column sums of u (of the rounded u, as the dW kernel would sum it), in row order:
+    deterministic, each column sum formed once instead of in every dW program."""
+    unit = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_c = cols < D
+    row0 = unit.to(tl.int64) * N_u
+    unit_rows = tl.minimum(N_u, M - row0).to(tl.int32)  # the last shared-path unit may be short
+    base = row0 * D
+    usum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r0 in range(0, N_u, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < unit_rows)[:, None] & mask_c[None, :]
+        offs = base + rows[:, None] * D + cols[None, :]
+        dr = tl.load(dr_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = (dr * x).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, u, mask=mask)
+        if WRITE_DX:
+            tl.store(dx_ptr + offs, (dr * (1.0 + y)).to(dx_ptr.dtype.element_ty), mask=mask)
+        if WRITE_USUM:
+            usum += tl.sum(u.to(tl.float32), axis=0)
+    if WRITE_USUM:
+        tl.store(usum_ptr + unit.to(tl.int64) * D + cols, usum, mask=mask_c)
+
+
+def launch_u_prepass(dr, x, y, dx, usum, rows_per_unit: int, num_units: int) -> None:
+    """Launch _u_prepass_kernel on [M, D] views; dx / usum may be None (not written)."""
+    rows, dim = x.shape
+    block_d = min(128, triton.next_power_of_2(dim))
+    block_r = 16 if triton_interpreting() else 32
+    _u_prepass_kernel[(num_units, triton.cdiv(dim, block_d))](
+        dr, x, y, dx if dx is not None else y, usum if usum is not None else x, rows,
+        rows_per_unit, dim, WRITE_DX=dx is not None, WRITE_USUM=usum is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,13 +201,27 @@ def dw_tile(k: int) -> Tuple[int, int]:
 def _dw_configs():
     if triton_interpreting():
         return [triton.Config({"BLOCK_R": 16}, num_warps=4, num_stages=1)]
-    # BLOCK_R is the K of the per-sample P tile GEMM (rows of the sample per step)
-    points = ((64, 3), (32, 3), (64, 4), (32, 4)) if autotuning_enabled() else ((64, 3),)
+    # BLOCK_R is the K of the per-sample P tile GEMM (rows of the sample per step). (32, 4) leads:
+    # the one config without spills at k = 2's 128x64 tile (see _prune_dw_configs).
+    points = ((32, 4), (64, 3), (32, 3), (64, 4)) if autotuning_enabled() else ((32, 4),)
     return [triton.Config({"BLOCK_R": br}, num_warps=8, num_stages=s) for br, s in points]
 
 
-@triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J"],
-                 reset_to_zero=["partial_ptr"])  # accumulated read-modify-write
+def _prune_dw_configs(configs, named_args, **kwargs):
+    """k = 2 at the 128x64 tile (P tile + 2 slot accumulators + the usum sums) sits at 255
+    registers: Triton 3.6 sm_90 bf16 spilled 24-48 B with BLOCK_R 64 s3 / 32 s3 / 64 s4 (with or
+    without WRITE_USUM), none with 32 s4. Keep that one there; every other (k, tile) compiled clean."""
+    if kwargs.get("SLOTS", 1) >= 2 and kwargs.get("BLOCK_I", 0) * kwargs.get("BLOCK_J", 0) >= 128 * 64:
+        kept = [c for c in configs if c.kwargs["BLOCK_R"] == 32 and c.num_stages == 4]
+        return kept or configs[:1]
+    return configs
+
+
+@triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
+                                                 "WRITE_USUM", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_dw_configs},
+                 reset_to_zero=["partial_ptr"],
+                 cache_results=autotune_cache_enabled())  # accumulated read-modify-write
 @triton.jit
 def _switch_modulation_dw_kernel(
         x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr, usum_ptr,
@@ -317,8 +398,10 @@ def unit_order(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
-              dgp: Optional[torch.Tensor] = None, usum: Optional[torch.Tensor] = None):
+              dgp: Optional[torch.Tensor] = None, usum: Optional[torch.Tensor] = None,
+              write_usum: bool = True):
     """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], dgp [R, k, T], usum [R, D]).
+    write_usum=False: ``usum`` holds the per-unit column sums of u already (the u pre-pass).
 
     x, u: [M, D].  weight [E, D, D].  g [R, k] float32, ids [R, k] int32, order [R] int32.
     R * rows_per_unit >= M (the last unit may be partial). k > 4: one launch per 4 slots, in order
@@ -342,7 +425,7 @@ def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
         _switch_modulation_dw_kernel[(splits * n_tiles,)](
             x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], dgp, usum,
             x.shape[0], rows_per_unit, dim, num_experts, num_units, units_per_split, slot0,
-            K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0), WRITE_USUM=slot0 == 0,
+            K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0), WRITE_USUM=slot0 == 0 and write_usum,
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_I=bi, BLOCK_J=bj)
     return partial, dgp, usum
 
@@ -376,43 +459,56 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     shared = is_shared_routing(x, topk_ids)
     x2, dr2, y2 = x.view(-1, dim), dr.view(-1, dim), y.view(-1, dim)
 
+    k = ids.shape[1]
+    rows = batch * tokens
+    if need_params:
+        bi, bj = dw_tile(k)
+        n_tiles = triton.cdiv(dim, bi) * triton.cdiv(dim, bj)
+        slice_bytes = triton.cdiv(k, MAX_SLOTS) * num_experts * dim * dim * 4
+        # The split buffer may use up to an x-sized budget (at least 4 weight-sized slices).
+        budget = max(x.numel() * x.element_size(), 4 * slice_bytes)
+        if shared:
+            # B*N rows routed alike: S virtual units, one per split, each a run of ceil(B*N / S) rows.
+            splits = dw_splits(rows, n_tiles, x.device, budget, slice_bytes)
+            # units of at most 2^31 elements: the kernel addresses rows inside a unit with int32
+            unit_rows = min(triton.cdiv(rows, splits), (2 ** 31 - 1) // dim)
+            num_units = triton.cdiv(rows, unit_rows)
+            g_u = g.expand(num_units, k).contiguous()
+            ids_u = ids.expand(num_units, k).contiguous()
+            order = torch.arange(num_units, device=x.device, dtype=torch.int32)
+        else:
+            splits = dw_splits(batch, n_tiles, x.device, budget, slice_bytes)
+            unit_rows, num_units, g_u, ids_u = tokens, batch, g, ids
+            order = unit_order(ids, num_experts)
+
     dx = None
+    usum = None
+    prepass = u_prepass_enabled() and rows > 0 and (need_dx or need_params)
     if need_dx:
         dx = dx_out if dx_out is not None else torch.empty_like(x)
+    if prepass:
+        # u over y, dR * (1 + y) into dx, the per-unit sums of u for the dW kernel: one pass.
+        usum = (torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
+                if need_params else None)
+        launch_u_prepass(dr2, x2, y2, dx.view(-1, dim) if need_dx else None, usum,
+                         unit_rows if need_params else tokens,
+                         num_units if need_params else batch)
+    if need_dx:
         if shared:
             if merged is None:
                 merged = merge_experts(weight, bias, g.reshape(-1), ids.reshape(-1))
             launch_dx(dr2, x2, merged[0], g, ids, y2, dx.view(-1, dim), batch * tokens,
-                      premerged=True, store_u=need_params)
+                      premerged=True, store_u=need_params, u_given=prepass)
         else:
             launch_dx(dr2, x2, weight, g, ids, y2, dx.view(-1, dim), tokens,
-                      premerged=False, store_u=need_params)
-    elif need_params:
+                      premerged=False, store_u=need_params, u_given=prepass)
+    elif need_params and not prepass:
         torch.mul(dr, x, out=y)
     if not need_params:
         return dx, None, None, None
 
-    k = ids.shape[1]
-    rows = batch * tokens
-    bi, bj = dw_tile(k)
-    n_tiles = triton.cdiv(dim, bi) * triton.cdiv(dim, bj)
-    slice_bytes = triton.cdiv(k, MAX_SLOTS) * num_experts * dim * dim * 4
-    # The split buffer may use up to an x-sized budget (at least 4 weight-sized slices).
-    budget = max(x.numel() * x.element_size(), 4 * slice_bytes)
-    if shared:
-        # B*N rows routed alike: S virtual units, one per split, each a run of ceil(B*N / S) rows.
-        splits = dw_splits(rows, n_tiles, x.device, budget, slice_bytes)
-        # units of at most 2^31 elements: the kernel addresses rows inside a unit with int32
-        unit_rows = min(triton.cdiv(rows, splits), (2 ** 31 - 1) // dim)
-        num_units = triton.cdiv(rows, unit_rows)
-        g_u = g.expand(num_units, k).contiguous()
-        ids_u = ids.expand(num_units, k).contiguous()
-        order = torch.arange(num_units, device=x.device, dtype=torch.int32)
-    else:
-        splits = dw_splits(batch, n_tiles, x.device, budget, slice_bytes)
-        unit_rows, num_units, g_u, ids_u = tokens, batch, g, ids
-        order = unit_order(ids, num_experts)
-    partial, dgp, usum = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits)
+    partial, dgp, usum = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits,
+                                   usum=usum, write_usum=usum is None)
 
     dw = partial[0] if partial.shape[0] == 1 else partial.sum(0)
     dg = dgp.sum(-1)                                                     # [R_u, k]
@@ -420,7 +516,12 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if bias is not None:
         gate = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.float32)
         gate.scatter_add_(1, ids_u.long(), g_u)     # one add per (unit, expert) unless ids repeat
-        db = (gate[:, :, None] * usum[:, None, :]).sum(0).to(bias.dtype)            # [E, D]
+        used = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.bool)
+        used.scatter_(1, ids_u.long(), True)
+        # A select, not gate * usum alone: a unit's NaN must not reach the bias gradient of an
+        # expert it did not use through 0 * NaN.
+        db = torch.where(used[:, :, None], gate[:, :, None] * usum[:, None, :], 0.0)
+        db = db.sum(0).to(bias.dtype)                                                   # [E, D]
         dg = dg + (bias.float()[ids_u.long()] * usum[:, None, :]).sum(-1)
     if shared:
         dg = dg.sum(0, keepdim=True)

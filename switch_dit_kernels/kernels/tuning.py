@@ -2,6 +2,8 @@
 
 Knob (environment variable, read when a kernel module is first imported):
     SWITCH_DIT_AUTOTUNE=0   use one default config instead of timing the list (faster first call).
+    SWITCH_DIT_AUTOTUNE_CACHE=0   do not keep autotuning results on disk (kept by default, see
+                            `autotune_cache_enabled`).
 Under TRITON_INTERPRET=1 a single small config is used: timing configs in the interpreter is
 meaningless and slow. Its tiles (16 rows, 32 columns, 16 or 32 deep) make the test shapes (16-48)
 cross tile edges in every dimension while keeping the number of interpreted programs low.
@@ -26,6 +28,15 @@ def autotuning_enabled() -> bool:
     return not triton_interpreting() and os.environ.get("SWITCH_DIT_AUTOTUNE", "1") != "0"
 
 
+def autotune_cache_enabled() -> bool:
+    """SWITCH_DIT_AUTOTUNE_CACHE (default 1): keep each autotuner's timings on disk in Triton's
+    cache (``cache_results``), keyed by Triton's version, the target GPU, the kernel source and the
+    tuning key, so a second process (each DDP rank, the next training run) reuses the choice instead
+    of compiling and timing every config again: 21-37 compilations, 26-92 s per entry point on a
+    first call here (compile_check --launch, Triton 3.6, 2 CPU cores). 0 turns it off."""
+    return not triton_interpreting() and os.environ.get("SWITCH_DIT_AUTOTUNE_CACHE", "1") != "0"
+
+
 def _untuned(kept):
     """SWITCH_DIT_AUTOTUNE=0: keep only the first config that fits, so nothing is timed. The
     untuned lists carry a small fallback after the default because Triton runs the pruner only
@@ -44,11 +55,14 @@ def grouped_gemm_configs():
     if triton_interpreting():
         return [_cfg(16, 32, 16, 1, 1, GROUP_M=2)]
     default = _cfg(128, 128, 64, 8, 4, GROUP_M=8)
+    # 128x64 w8: the gated (2 accumulators) tile that stays at 64 fp32 values a thread.
+    gated = _cfg(128, 64, 64, 8, 4, GROUP_M=8)
     if not autotuning_enabled():
-        return [default, _cfg(64, 64, 32, 4, 3, GROUP_M=8)]
+        return [default, gated, _cfg(64, 64, 32, 4, 3, GROUP_M=8)]
     return [
         _cfg(128, 256, 64, 8, 3, GROUP_M=8),
         default,
+        gated,
         _cfg(128, 128, 64, 4, 4, GROUP_M=8),
         _cfg(128, 128, 32, 4, 4, GROUP_M=8),
         _cfg(64, 256, 64, 8, 3, GROUP_M=8),
@@ -59,26 +73,34 @@ def grouped_gemm_configs():
 
 
 def weight_grad_configs():
-    """Configs of `weight_grad._weight_grad_kernel`: a BLOCK_K x BLOCK_N tile of dW[e], reducing
-    BLOCK_M rows per step."""
+    """Configs of `weight_grad._weight_grad_body`: a BLOCK_K x BLOCK_N tile of dW[e], reducing
+    BLOCK_M rows per step; GROUP_K K tiles per group of the L2-friendly tile order."""
     if triton_interpreting():
-        return [_cfg(16, 32, 32, 1, 1)]
-    default = _cfg(64, 128, 128, 8, 3)
+        return [_cfg(16, 32, 32, 1, 1, GROUP_K=2)]
+    default = _cfg(64, 128, 128, 8, 3, GROUP_K=8)
     if not autotuning_enabled():
-        return [default, _cfg(64, 64, 64, 4, 3)]
+        return [default, _cfg(64, 64, 64, 4, 3, GROUP_K=8)]
+    # Not listed: 32x128x128 w4 s4 and 64x128x64 w4 s4, which ptxas serialised (C7515) for bf16
+    # outputs (compile_check --gate, Triton 3.6, sm_90, launch path and linear-split1).
     return [
         default,
-        _cfg(64, 256, 128, 8, 3),
-        _cfg(32, 128, 128, 4, 4),
-        _cfg(64, 128, 64, 4, 4),
-        _cfg(64, 64, 128, 4, 4),
-        _cfg(64, 64, 64, 4, 3),
+        _cfg(64, 256, 128, 8, 3, GROUP_K=8),
+        _cfg(64, 64, 128, 4, 4, GROUP_K=8),
+        _cfg(64, 64, 64, 4, 3, GROUP_K=8),
     ]
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Drop configs that cannot fit (shared memory, registers) or are far wider than the problem."""
     gated = bool(kwargs.get("GATED", False))
+    # An activation epilogue (ACT, GATED, STORE_PRE) needs registers beside the accumulator: Triton
+    # 3.6 sm_90 bf16 (compile_check --gate) spilled 16-272 B in every such variant at 128 fp32
+    # values a thread (128x128 w4, 128x256 w8, gated 64x256 w8 ...), none at 64.
+    acc_per_thread = _ACC_PER_THREAD // 2 if (gated or kwargs.get("ACT", 0) or
+                                               kwargs.get("STORE_PRE", False)) else _ACC_PER_THREAD
+    # Sorted rows in and out (expert_mlp's layer 2 and its dx for k >= 2), ungated: ptxas serialised
+    # every 64-column tile (C7515: 128x64 w8/w4, 64x64 w4; Triton 3.6, sm_90, bf16), none wider.
+    sorted_in_out = not (kwargs.get("GATHER_A", True) or kwargs.get("SCATTER_OUT", False) or gated)
     elem = named_args["a_ptr"].element_size()
     n_out, k_dim = named_args["N_OUT"], named_args["K"]
     kept = []
@@ -86,11 +108,13 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         n_b = 2 if gated else 1
         smem = (bm * bk + n_b * bk * bn) * elem * c.num_stages
-        if smem > _SMEM_LIMIT or bm * bn * n_b > _ACC_PER_THREAD * 32 * c.num_warps:
+        if smem > _SMEM_LIMIT or bm * bn * n_b > acc_per_thread * 32 * c.num_warps:
             continue
         if bn > 64 and bn >= 2 * triton.next_power_of_2(n_out):
             continue
         if bk > 32 and bk >= 2 * triton.next_power_of_2(k_dim):
+            continue
+        if sorted_in_out and bn == 64:
             continue
         kept.append(c)
     return _untuned(kept) or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

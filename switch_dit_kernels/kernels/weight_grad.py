@@ -7,6 +7,13 @@ one program owns one (expert, BLOCK_K x BLOCK_N tile of dW[e], row split) and lo
 expert's rows in a fixed order. With ``split`` > 1 each expert's rows are cut into ``split``
 contiguous chunks whose float32 partials are summed afterwards in a fixed order — for few
 experts with many rows each (Switch-DiT: E = 3, 65k rows), where E x tiles cannot fill the GPU.
+
+Why the gate factor is applied by a separate pass (`scale_sorted_rows`, writing g * dY once in
+sorted order, as ScatterMoE does) and not in the main loop: a per-row scale computed on the CUDA
+cores between dO's load and the MMA makes Triton 3.6's sm_90 code wait for every wgmma it issues
+(only ``wgmma.wait_group 0`` in the loop: the tensor cores idle while the next tile is scaled).
+The pass costs one write and one read of the sorted dO (R*k*N x N_OUT) and makes dO's rows
+contiguous for the main loop.
 """
 from __future__ import annotations
 
@@ -23,21 +30,29 @@ from .sorted_rows import pair_and_token
 
 
 @triton.jit
-def _weight_grad_body(a_ptr, b_ptr, scale_ptr, dw_ptr, db_ptr, offsets_ptr, sorted_pairs_ptr,
+def _weight_grad_body(a_ptr, b_ptr, dw_ptr, db_ptr, offsets_ptr, sorted_pairs_ptr,
                       tokens_per_route, top_k, K, N_OUT, stride_am, stride_bm, stride_dw_split,
                       stride_db_split,
-                      GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
                       HAS_DB: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_K: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     tiles_k = tl.maximum((K + BLOCK_K - 1) // BLOCK_K, 1)  # K == 0 still needs programs for db
     tiles_n = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    # Expert-major order: neighbouring programs read the same expert's rows (L2 reuse).
+    # Expert-major order: neighbouring programs read the same expert's rows. Within an expert the
+    # (K tile, N tile) grid is walked in groups of GROUP_K K tiles, column by column, so the
+    # programs resident at once read GROUP_K tiles of A and ~#SMs / GROUP_K tiles of dO instead of
+    # one A tile and #SMs dO tiles (FFN dW1: dpre is no longer re-read for every K tile).
     expert = pid // (tiles_k * tiles_n)
-    pid_k = (pid % (tiles_k * tiles_n)) // tiles_n
-    pid_n = pid % tiles_n
+    tile = pid % (tiles_k * tiles_n)
+    per_group = GROUP_K * tiles_n
+    first_k = (tile // per_group) * GROUP_K
+    group_k = tl.minimum(tiles_k - first_k, GROUP_K)
+    pid_k = first_k + (tile % per_group) % group_k
+    pid_n = (tile % per_group) // group_k
 
     lo = tl.load(offsets_ptr + expert) * tokens_per_route
     hi = tl.load(offsets_ptr + expert + 1) * tokens_per_route
@@ -56,7 +71,7 @@ def _weight_grad_body(a_ptr, b_ptr, scale_ptr, dw_ptr, db_ptr, offsets_ptr, sort
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         rows_c = tl.minimum(rows, end - 1)
-        if GATHER_A or GATHER_B or HAS_SCALE:
+        if GATHER_A or GATHER_B:
             pair, token = pair_and_token(sorted_pairs_ptr, rows_c, tokens_per_route, top_k)
         if GATHER_A:
             a_rows = token.to(tl.int64)
@@ -71,9 +86,6 @@ def _weight_grad_body(a_ptr, b_ptr, scale_ptr, dw_ptr, db_ptr, offsets_ptr, sort
                       mask=k_ok[:, None] & row_ok[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :],
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            b_acc = b.to(ACC) * tl.load(scale_ptr + pair).to(ACC)[:, None]
-            b = b_acc.to(b.dtype)  # the same rounding as g * dY in the input dtype
         if HAS_DB:
             db += tl.sum(b.to(ACC), axis=0)
         # out_dtype=ACC: Triton <= 3.6 defaults out_dtype to float32 and rejects a float64 acc.
@@ -90,6 +102,48 @@ def _weight_grad_body(a_ptr, b_ptr, scale_ptr, dw_ptr, db_ptr, offsets_ptr, sort
             tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _scale_sorted_rows_kernel(b_ptr, scale_ptr, out_ptr, sorted_pairs_ptr, tokens_per_route, top_k,
+                              num_rows, N_OUT, stride_bm,
+                              GATHER_B: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[i] = s[pair(i)] * b[row(i)] for the sorted rows i of one BLOCK_R x BLOCK_N tile."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    rows_c = tl.minimum(rows, num_rows - 1)
+    pair, token = pair_and_token(sorted_pairs_ptr, rows_c, tokens_per_route, top_k)
+    src = token.to(tl.int64) if GATHER_B else rows_c.to(tl.int64)
+    mask = row_ok[:, None] & (cols < N_OUT)[None, :]
+    b = tl.load(b_ptr + src[:, None] * stride_bm + cols[None, :], mask=mask, other=0.0)
+    s = tl.load(scale_ptr + pair).to(ACC)
+    # Rounded to b's dtype once: the same value as g * dY computed in the input dtype.
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * N_OUT + cols[None, :],
+             (b.to(ACC) * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_sorted_rows(b: torch.Tensor, scale: torch.Tensor, meta: RoutingMetadata, *,
+                      gather_b: bool) -> torch.Tensor:
+    """[R*k*N, N_OUT] in b's dtype: sorted row i = scale[pair(i)] * b[row(i)].
+
+    Args:
+        b: [T, N_OUT] token order (``gather_b``) or [R*k*N, N_OUT] sorted; unit column stride.
+        scale: [R*k] float32 (float64 for float64 b), one factor per (route, slot) pair.
+    """
+    num_rows, n_out = meta.num_sorted_rows, b.shape[1]
+    out = new_buffer((num_rows, n_out), b.dtype, b.device)
+    if num_rows == 0 or n_out == 0:
+        return out
+    block_n = min(128, triton.next_power_of_2(n_out))
+    block_r = 16 if tuning.triton_interpreting() else 32
+    grid = (triton.cdiv(num_rows, block_r), triton.cdiv(n_out, block_n))
+    _scale_sorted_rows_kernel[grid](
+        b, scale, out, meta.sorted_pairs, meta.tokens_per_route, meta.k, num_rows, n_out,
+        b.stride(0), GATHER_B=gather_b, ACC=tuning.acc_dtype(b.dtype), BLOCK_R=block_r,
+        BLOCK_N=block_n, num_warps=4)
+    return out
+
+
 _tuned_kernel = None
 
 
@@ -99,8 +153,10 @@ def _kernel():
     if _tuned_kernel is None:
         _tuned_kernel = triton.autotune(
             configs=tuning.weight_grad_configs(),
-            key=["K", "N_OUT", "GATHER_A", "GATHER_B"],
+            # Every constexpr that changes the compiled kernel (the dtypes are added by Triton).
+            key=["K", "N_OUT", "GATHER_A", "GATHER_B", "HAS_DB", "PRECISION"],
             prune_configs_by={"early_config_prune": tuning.prune_weight_grad_configs},
+            cache_results=tuning.autotune_cache_enabled(),
         )(_weight_grad_body)
     return _tuned_kernel
 
@@ -132,6 +188,8 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *,
     """
     assert a.stride(1) == 1 and b.stride(1) == 1 and a.dtype == b.dtype
     num_experts, k_dim, n_out = meta.num_experts, a.shape[1], b.shape[1]
+    if scale is not None:
+        b, gather_b = scale_sorted_rows(b, scale, meta, gather_b=gather_b), False
     if split is None:
         split = default_split(meta, k_dim, n_out, a.device)
     if split == 1:
@@ -150,11 +208,10 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *,
                     * triton.cdiv(n_out, meta_args["BLOCK_N"]), split)
 
         _kernel()[grid](
-            a, b, scale if scale is not None else a, dw, db if db is not None else dw,
+            a, b, dw, db if db is not None else dw,
             meta.expert_offsets, meta.sorted_pairs, meta.tokens_per_route, meta.k, k_dim, n_out,
             a.stride(0), b.stride(0), num_experts * k_dim * n_out, num_experts * n_out,
-            GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale is not None,
-            HAS_DB=with_bias, PRECISION=tuning.dot_precision(a.dtype),
+            GATHER_A=gather_a, GATHER_B=gather_b, HAS_DB=with_bias, PRECISION=tuning.dot_precision(a.dtype),
             ACC=tuning.acc_dtype(a.dtype),
         )
     if split > 1:
