@@ -54,6 +54,7 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
+    _validate.check_topk_ids_values(topk_ids, weight.shape[0])
     impl = resolve_backend(backend, x)
     if impl == "triton":
         from .expert_ops import expert_linear_triton
@@ -83,6 +84,7 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     """
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
+    _validate.check_topk_ids_values(topk_ids, w1.shape[0])
     impl = resolve_backend(backend, x)
     if impl == "triton":
         from .expert_ops import expert_mlp_triton
@@ -118,6 +120,7 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         r: [B, N, D] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_switch_modulation(x, weight, bias, topk_weights, topk_ids)
+    _validate.check_topk_ids_values(topk_ids, weight.shape[0])
     impl = resolve_backend(backend, x)
     if impl == "triton":
         from .modulation_ops import switch_modulation_triton
