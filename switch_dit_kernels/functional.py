@@ -19,6 +19,14 @@ from . import _validate, reference
 from .backend import resolve_backend
 
 
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    """resolve_backend, except that an empty batch goes to the reference: there is nothing to
+    compute, and an empty view (x[:0, ::2]) or an empty gradient (expanded, stride 0) keeps
+    strides through .contiguous() that the kernel launchers assert on."""
+    impl = resolve_backend(backend, x)
+    return "torch" if x.shape[0] == 0 else impl
+
+
 def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backend: str = "auto"
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in float32, then the top-k.
@@ -55,7 +63,7 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
     _validate.check_topk_ids_values(topk_ids, weight.shape[0])
-    impl = resolve_backend(backend, x)
+    impl = _resolve(backend, x)
     if impl == "triton":
         from .expert_ops import expert_linear_triton
         return expert_linear_triton(x, weight, bias, topk_weights, topk_ids,
@@ -85,7 +93,7 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
     _validate.check_topk_ids_values(topk_ids, w1.shape[0])
-    impl = resolve_backend(backend, x)
+    impl = _resolve(backend, x)
     if impl == "triton":
         from .expert_ops import expert_mlp_triton
         return expert_mlp_triton(x, w1, b1, w2, b2, topk_weights, topk_ids,

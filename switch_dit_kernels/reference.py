@@ -51,6 +51,9 @@ def _expert_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     x: [T, Din] viewed as [R, N, Din]; expert_fn(e, rows[M, Din]) -> [M, out_features].
     """
     num_routes = topk_ids.shape[0]
+    if num_routes == 0:
+        # An empty batch: keep the graph, so backward gives every input a (zero) gradient.
+        return expert_fn(0, x) * topk_weights.sum().to(x.dtype)
     xu = x.reshape(num_routes, tokens_per_route, x.shape[-1])
     y = x.new_zeros(num_routes, tokens_per_route, out_features)
     for e in range(num_experts):

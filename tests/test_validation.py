@@ -288,15 +288,31 @@ def test_empty_feature_dimension_is_refused(backend, din, dout):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("d_hidden", [None, 6])
-def test_moe_on_empty_batch(backend, d_hidden):
+@pytest.mark.parametrize("shape", [(0, D), (0, 5, D)])
+def test_moe_on_empty_batch(backend, d_hidden, shape):
+    # (0, D): y.sum()'s gradient is an expanded [0, D] (stride 0), which the Triton launchers
+    # asserted on before empty batches went to the reference.
     moe = sk.MoE(D, E, K, d_hidden=d_hidden, backend=backend, load_balance_coef=0.01,
                  z_loss_coef=0.001)
-    x = torch.randn(0, 5, D, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     y = moe(x)
-    assert y.shape == (0, 5, D)
+    assert y.shape == shape
     assert moe.aux_loss.isfinite() and moe.aux_loss.item() == 0.0
     (y.sum() + moe.aux_loss).backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_expert_layers_on_an_empty_strided_view(backend):
+    base = torch.randn(0, 2 * D, requires_grad=True)
+    x = base[:, ::2]  # strides (2D, 2): .contiguous() keeps them on an empty tensor
+    ids, g = torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K)
+    y = sk.expert_linear(x, torch.randn(E, D, 3), None, g, ids, backend=backend)
+    y2 = sk.expert_mlp(x, torch.randn(E, D, 4), None, torch.randn(E, 4, 3), None, g, ids,
+                       backend=backend)
+    assert y.shape == y2.shape == (0, 3)
+    (y.sum() + y2.sum()).backward()
+    assert base.grad.shape == base.shape
 
 
 def test_moe_dtype_mismatch_names_expected_dtype_or_follows_autocast():
