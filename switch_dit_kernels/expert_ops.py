@@ -79,7 +79,7 @@ class _ExpertLinear(torch.autograd.Function):
             return None, None, None, None, None, None
         x, weight, g, h = ctx.saved_tensors
         meta = ctx.meta
-        dy = dy.contiguous()
+        dy = _contig(dy)
         need_dx, need_dw, need_db, need_dg = ctx.needs_input_grad[:4]
         dg = gate_grad(dy, h, meta).to(ctx.gate_dtype) if need_dg else None
         dx, dw, db = _input_layer_backward(dy, False, x, weight, meta, scale=g, need_dx=need_dx,
@@ -119,7 +119,7 @@ class _ExpertMLP(torch.autograd.Function):
             return (None,) * 9
         x, w1, w2, g, pre, h1, out = ctx.saved_tensors
         meta, act = ctx.meta, ctx.activation
-        dy = dy.contiguous()
+        dy = _contig(dy)
         need_dx, need_dw1, need_db1, need_dw2, need_db2, need_dg = ctx.needs_input_grad[:6]
         dg = gate_grad(dy, out, meta).to(ctx.gate_dtype) if need_dg else None
         dw2 = db2 = None
@@ -138,7 +138,13 @@ class _ExpertMLP(torch.autograd.Function):
 
 
 def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return t.contiguous() if t is not None else None
+    """t with a unit last stride (None stays None). .contiguous() keeps any stride on a size-1
+    dimension -- y.sum()'s gradient for a [1, 1] y has strides (0, 0) -- and the launchers
+    assert stride(1) == 1."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
 
 
 def expert_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -147,7 +153,7 @@ def expert_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """Triton expert_linear: x [T, Din], weight [E, Din, Dout], bias [E, Dout] | None,
     topk_* [R, k] -> y [T, Dout] in x's dtype. Arguments are assumed valid (functional.py
     checks them)."""
-    return _ExpertLinear.apply(x.contiguous(), weight.contiguous(), _contig(bias), topk_weights,
+    return _ExpertLinear.apply(_contig(x), _contig(weight), _contig(bias), topk_weights,
                                topk_ids.contiguous(), tokens_per_route)
 
 
@@ -159,6 +165,6 @@ def expert_mlp_triton(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tens
     optional, topk_* [R, k] -> y [T, Dout] in x's dtype."""
     if activation not in ACT_CODES:
         raise ValueError(f"activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
-    return _ExpertMLP.apply(x.contiguous(), w1.contiguous(), _contig(b1), w2.contiguous(),
+    return _ExpertMLP.apply(_contig(x), _contig(w1), _contig(b1), _contig(w2),
                             _contig(b2), topk_weights, topk_ids.contiguous(), activation,
                             tokens_per_route)

@@ -1,4 +1,5 @@
 """Bad input raises a ValueError/TypeError naming the argument, on every backend."""
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,15 @@ import torch
 import switch_dit_kernels as sk
 
 E, D, T, K = 4, 8, 6, 2
+
+# backend="triton" needs CUDA tensors unless the interpreter runs the kernels on the CPU (CI).
+# Argument checks run before the backend is resolved, so the refusal tests use CPU tensors.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRETING else "cpu"
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
 def _args(**over):
@@ -230,7 +240,9 @@ NONFINITE_ROWS = {
 def test_route_topk_nonfinite_row_gets_first_ids_and_nan_weights(kind, renormalize, backend):
     # Row 1 is the bad one; rows 0 and 2 are ordinary and must be unaffected.
     logits = torch.tensor([[3.0, 1.0, 4.0, 1.5, 5.0], NONFINITE_ROWS[kind], [2.0, 7.0, 1.0, 8.0, 2.5]])
-    weights, ids = sk.route_topk(logits, 3, renormalize=renormalize, backend=backend)
+    weights, ids = sk.route_topk(logits.to(_device(backend)), 3, renormalize=renormalize,
+                                 backend=backend)
+    weights, ids = weights.cpu(), ids.cpu()
     assert torch.equal(ids, torch.tensor([[4, 2, 0], [0, 1, 2], [3, 1, 4]]))
     assert weights[1].isnan().all()
     assert weights[[0, 2]].isfinite().all()
@@ -242,7 +254,7 @@ def test_route_topk_ties_go_to_lower_id(backend, num_experts, k):
     # The torch backend used torch.topk, which returned [2, 3] for a zero row of E = 4.
     logits = torch.zeros(3, num_experts)
     logits[1, 3 % num_experts] = 1.0  # one winner, then ties among the rest
-    _, ids = sk.route_topk(logits, k, backend=backend)
+    ids = sk.route_topk(logits.to(_device(backend)), k, backend=backend)[1].cpu()
     rest = [e for e in range(num_experts) if e != 3 % num_experts]
     assert ids[0].tolist() == list(range(k))
     assert ids[1].tolist() == ([3 % num_experts] + rest)[:k]
@@ -256,9 +268,9 @@ def test_moe_on_nan_input_propagates_nan_only_to_its_tokens(backend, d_hidden):
     x = torch.randn(7, D)
     x[2, 3] = NAN
     x[5] = INF
-    y = moe(x)
     reference = sk.MoE(D, 5, 2, d_hidden=d_hidden, backend="torch")
     reference.load_state_dict(moe.state_dict())
+    y = moe.to(_device(backend))(x.to(_device(backend))).cpu()
     good = [0, 1, 3, 4, 6]
     torch.testing.assert_close(y[good], reference(x)[good])
     assert y[[2, 5]].isnan().any(dim=1).all()
@@ -293,8 +305,8 @@ def test_moe_on_empty_batch(backend, d_hidden, shape):
     # (0, D): y.sum()'s gradient is an expanded [0, D] (stride 0), which the Triton launchers
     # asserted on before empty batches went to the reference.
     moe = sk.MoE(D, E, K, d_hidden=d_hidden, backend=backend, load_balance_coef=0.01,
-                 z_loss_coef=0.001)
-    x = torch.randn(*shape, requires_grad=True)
+                 z_loss_coef=0.001).to(_device(backend))
+    x = torch.randn(*shape, device=_device(backend), requires_grad=True)
     y = moe(x)
     assert y.shape == shape
     assert moe.aux_loss.isfinite() and moe.aux_loss.item() == 0.0
@@ -304,15 +316,33 @@ def test_moe_on_empty_batch(backend, d_hidden, shape):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_expert_layers_on_an_empty_strided_view(backend):
-    base = torch.randn(0, 2 * D, requires_grad=True)
+    dev = _device(backend)
+    base = torch.randn(0, 2 * D, device=dev, requires_grad=True)
     x = base[:, ::2]  # strides (2D, 2): .contiguous() keeps them on an empty tensor
-    ids, g = torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K)
-    y = sk.expert_linear(x, torch.randn(E, D, 3), None, g, ids, backend=backend)
-    y2 = sk.expert_mlp(x, torch.randn(E, D, 4), None, torch.randn(E, 4, 3), None, g, ids,
-                       backend=backend)
+    ids = torch.zeros(0, K, dtype=torch.long, device=dev)
+    g = torch.zeros(0, K, device=dev)
+    y = sk.expert_linear(x, torch.randn(E, D, 3, device=dev), None, g, ids, backend=backend)
+    y2 = sk.expert_mlp(x, torch.randn(E, D, 4, device=dev), None, torch.randn(E, 4, 3, device=dev),
+                       None, g, ids, backend=backend)
     assert y.shape == y2.shape == (0, 3)
     (y.sum() + y2.sum()).backward()
     assert base.grad.shape == base.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("d_hidden", [None, 3])
+def test_moe_one_token_one_feature_backward(backend, d_hidden):
+    # y.sum()'s gradient for a [1, 1] y has strides (0, 0), which .contiguous() keeps (size-1
+    # dims): the Triton launchers asserted stride(1) == 1. Found by tests/test_properties.py.
+    torch.manual_seed(3)
+    moe = sk.MoE(1, 3, 2, d_hidden=d_hidden, backend=backend).to(_device(backend))
+    x = torch.randn(1, 1, device=_device(backend), requires_grad=True)
+    moe(x).sum().backward()
+    reference = sk.MoE(1, 3, 2, d_hidden=d_hidden, backend="torch")
+    reference.load_state_dict(moe.state_dict())
+    x_ref = x.detach().cpu().requires_grad_(True)
+    reference(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), x_ref.grad)
 
 
 def test_moe_dtype_mismatch_names_expected_dtype_or_follows_autocast():
@@ -354,3 +384,28 @@ def test_timestep_moe_names_cond():
         moe(x.long(), torch.randn(3, D))
     r, routing = moe(x, torch.randn(1, D))  # one row shared by every sample
     assert r.shape == x.shape and routing.topk_ids.shape == (1, K)
+
+
+@pytest.mark.gpu
+def test_out_of_range_ids_on_cuda_assert_on_device_without_host_sync():
+    # In range: the check queues a device-side assert and never waits on the host.
+    ids = torch.randint(0, E, (T, K), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from switch_dit_kernels._validate import check_topk_ids_values
+        check_topk_ids_values(ids, E)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Out of range: the stream fails with a device-side assert (which ends the CUDA context, hence
+    # a child process) before the kernel can read out of bounds -- no segfault, no garbage.
+    code = (
+        "import torch, switch_dit_kernels as sk\n"
+        f"x, w = torch.randn({T}, {D}, device='cuda'), torch.randn({E}, {D}, {D}, device='cuda')\n"
+        f"ids = torch.randint(0, {E}, ({T}, {K}), device='cuda'); ids[1, 0] = 10**6\n"
+        f"r = sk.expert_linear(x, w, None, torch.rand({T}, {K}, device='cuda'), ids, backend='triton')\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode not in (0, -11) and "no error" not in out.stdout, out.stderr[-2000:]
+    assert "assert" in out.stderr.lower(), out.stderr[-2000:]
