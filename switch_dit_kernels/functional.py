@@ -34,7 +34,9 @@ def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backe
     Args:
         logits: [R, E] floating.  k: 1 <= k <= E.  renormalize: divide the k weights by their sum.
     Returns:
-        topk_weights [R, k] float32 (descending), topk_ids [R, k] int64. Ties go to the lower id.
+        topk_weights [R, k] float32 (descending), topk_ids [R, k] int64 in [0, E). Ties go to
+        the lower id. A row whose softmax is NaN (a NaN or +inf logit, or all -inf) gets ids
+        0..k-1 and NaN weights, on every backend (see `reference.route_topk`).
         Not differentiable through the Triton backend's ids; weights are differentiable on "torch".
     """
     _validate.check_tensor("logits", logits, 2)
@@ -56,7 +58,8 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Args:
         x: [T, Din] float32/float16/bfloat16, T = R * tokens_per_route, a route unit's rows contiguous.
         weight: [E, Din, Dout], x's dtype.  bias: [E, Dout] or None.
-        topk_weights: [R, k] floating (any float dtype; used in float32).  topk_ids: [R, k] int32/int64.
+        topk_weights: [R, k] floating (any float dtype; used in float32).  topk_ids: [R, k] int32/int64
+            in [0, E): others raise a ValueError (CPU) or a device-side assert (CUDA, no sync).
         tokens_per_route: rows per route unit (1: token routing; N: one route per sample).
     Returns:
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
