@@ -77,6 +77,10 @@ class MoE(nn.Module):
         _check_layer_args(d_model, num_experts, k, backend)
         if d_hidden is not None:
             _check_int("d_hidden", d_hidden)
+        for name, coef in (("load_balance_coef", load_balance_coef), ("z_loss_coef", z_loss_coef)):
+            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (
+                    math.isfinite(coef) and coef >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
         # Checked even for linear experts (which ignore it), so a typo never waits for d_hidden.
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

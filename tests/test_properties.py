@@ -475,6 +475,8 @@ def test_modules_name_the_bad_argument(data):
         ("backend", lambda: sk.MoE(4, 2, 1, backend="fast")),
         ("activation", lambda: sk.MoE(4, 2, 1, activation="tanh")),
         ("d_hidden", lambda: sk.MoE(4, 2, 1, d_hidden=0)),
+        ("load_balance_coef", lambda: sk.MoE(4, 2, 1, load_balance_coef=float("nan"))),
+        ("z_loss_coef", lambda: sk.MoE(4, 2, 1, z_loss_coef=-1.0)),
         ("d_cond", lambda: sk.TimestepMoE(4, 2, 1, d_cond=-3)),
         ("x", lambda: sk.MoE(4, 2, 1)(torch.randn(3, 5))),
         ("x", lambda: sk.MoE(4, 2, 1)(torch.randn(3, 4, dtype=torch.float64))),

@@ -365,6 +365,11 @@ def test_moe_activation_checked_in_constructor():
         sk.MoE(D, E, K, d_hidden=16, activation="tanh")
     with pytest.raises(ValueError, match="activation must be one of"):
         sk.MoE(D, E, K, activation="swish")  # linear experts: checked all the same
+    for bad in (float("nan"), float("inf"), -0.1, "0.01", None):
+        with pytest.raises(ValueError, match="load_balance_coef must be a finite number"):
+            sk.MoE(D, E, K, load_balance_coef=bad)
+        with pytest.raises(ValueError, match="z_loss_coef must be a finite number"):
+            sk.MoE(D, E, K, z_loss_coef=bad)
 
 
 def test_timestep_moe_names_cond():
