@@ -138,8 +138,8 @@ class MoE(nn.Module):
         counts.scatter_add_(0, topk_ids.reshape(-1).long(),
                             torch.ones(topk_ids.numel(), device=logits.device))
         fraction = counts / max(topk_ids.numel(), 1)
-        # Means over the tokens, 0 for an empty batch (mean() of nothing is NaN, which would
-        # poison a summed training loss); logits.sum() * 0 keeps the graph connected.
+        # Means over the tokens as sums / max(T, 1): 0 on an empty batch, where mean() would give
+        # NaN and poison a summed training loss; sums of nothing keep the graph connected.
         num_tokens = max(logits.shape[0], 1)
         mean_probs = probs.sum(0) / num_tokens
         self.load_balance_loss = self.num_experts * (fraction * mean_probs).sum()
@@ -225,7 +225,9 @@ class TimestepMoE(nn.Module):
         if routing is None:
             if cond is None:
                 raise ValueError("TimestepMoE.forward needs cond [B, d_cond] or a precomputed routing")
-            if isinstance(cond, torch.Tensor) and cond.dim() == 2 and cond.shape[0] not in (1, x.shape[0]):
+            rows_ok = not isinstance(cond, torch.Tensor) or cond.dim() != 2 or \
+                cond.shape[0] in (1, x.shape[0])
+            if not rows_ok:  # type, rank and width are gate_probs' to check
                 raise ValueError(f"cond must have one row per sample (B={x.shape[0]}) or a single "
                                  f"row shared by all samples, got shape {tuple(cond.shape)}")
             routing = self.route(cond)

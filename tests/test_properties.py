@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of every public function and module: a named error or the reference.
+"""Property-based tests (hypothesis) of the public API: a named error or the reference's answer.
 
 Each test draws shapes (odd sizes, T = 0 and 1, prime E, k = 1 and k = E), dtypes, memory layouts
 (contiguous, transposed and strided views), expert ids (duplicates and empty experts included),
