@@ -180,8 +180,8 @@ setup(
                       "matplotlib"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "triton>=3.2", "ninja", "pybind11",
-                 "transformers>=5"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "triton>=3.2", "ninja",
+                 "pybind11", "transformers>=5"],
         "transformers": ["transformers>=5"],
         "fid": ["torch-fidelity", "clean-fid"],
         "latents": ["diffusers"],

@@ -56,6 +56,11 @@ def check_expert_weight(name: str, weight: torch.Tensor, x: torch.Tensor, din: i
                         dout: Optional[int] = None) -> None:
     """weight [E, din, dout] with x's dtype."""
     check_tensor(name, weight, 3)
+    if weight.shape[1] == 0 or weight.shape[2] == 0:
+        # An empty feature dimension makes every backend's tiling degenerate (a 0-wide GEMM):
+        # refused here once instead of failing differently inside each backend.
+        raise ValueError(f"{name} must have at least one input and one output feature, got shape "
+                         f"{tuple(weight.shape)}")
     if weight.shape[1] != din:
         raise ValueError(f"{name} must be [E, {din}, Dout] to match the input, got {tuple(weight.shape)}")
     if dout is not None and weight.shape[2] != dout:
@@ -123,6 +128,12 @@ def check_switch_modulation(x, weight, bias, topk_weights, topk_ids) -> None:
         raise ValueError(f"topk_ids must have one row per sample (B={x.shape[0]}) or a single row "
                          f"shared by all samples, got {topk_ids.shape[0]} rows")
     check_same_device(x=x, weight=weight, bias=bias, topk_weights=topk_weights, topk_ids=topk_ids)
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError unless ``value`` is an int >= 1 (bool is refused)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_topk_ids_values(topk_ids: torch.Tensor, num_experts: int) -> None:

@@ -33,6 +33,16 @@ def _gates(topk_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return topk_weights.detach().reshape(-1).to(dtype).contiguous()
 
 
+def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t with a unit last stride (None stays None). .contiguous() keeps any stride on a size-1
+    dimension -- y.sum()'s gradient for a [1, 1] y has strides (0, 0) -- and the launchers
+    assert stride(1) == 1."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _input_layer_backward(d_out: torch.Tensor, d_out_sorted: bool, x: torch.Tensor,
                           w: torch.Tensor, meta: RoutingMetadata, *, scale: Optional[torch.Tensor],
                           need_dx: bool, need_dw: bool, need_db: bool):
@@ -78,7 +88,7 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has
     need_dx, need_dw, need_db, need_dg = needs
     meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route)
     g = _gates(topk_weights, x)
-    dy = dy.contiguous()
+    dy = unit_stride(dy)
     dg = gate_grad(dy, h, meta).to(topk_weights.dtype) if need_dg else None
     dx, dw, db = _input_layer_backward(dy, False, x, weight, meta, scale=g, need_dx=need_dx,
                                        need_dw=need_dw, need_db=need_db and has_bias)
@@ -115,7 +125,7 @@ def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, has_b1: bo
     need_dx, need_dw1, need_db1, need_dw2, need_db2, need_dg = needs
     meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route)
     g = _gates(topk_weights, x)
-    dy = dy.contiguous()
+    dy = unit_stride(dy)
     dg = gate_grad(dy, out, meta).to(topk_weights.dtype) if need_dg else None
     dw2 = db2 = None
     if need_dw2 or (need_db2 and has_b2):

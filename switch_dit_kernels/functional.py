@@ -50,6 +50,14 @@ def _torch_via_op() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _resolve(backend: str, x: torch.Tensor) -> str:
+    """resolve_backend, except that an empty batch goes to the reference: there is nothing to
+    compute, and an empty view (x[:0, ::2]) or an empty gradient (expanded, stride 0) keeps
+    strides through .contiguous() that the kernel launchers assert on."""
+    impl = _resolve_traceable(backend, x)
+    return "torch" if x.shape[0] == 0 else impl
+
+
 def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backend: str = "auto"
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in float32, then the top-k.
@@ -57,7 +65,9 @@ def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False, backe
     Args:
         logits: [R, E] floating.  k: 1 <= k <= E.  renormalize: divide the k weights by their sum.
     Returns:
-        topk_weights [R, k] float32 (descending), topk_ids [R, k] int64. Ties go to the lower id.
+        topk_weights [R, k] float32 (descending), topk_ids [R, k] int64 in [0, E). Ties go to
+        the lower id. A row whose softmax is NaN (a NaN or +inf logit, or all -inf) gets ids
+        0..k-1 and NaN weights, on every backend (see `reference.route_topk`).
         Not differentiable through the Triton backend's ids; weights are differentiable on "torch".
     """
     _validate.check_tensor("logits", logits, 2)
@@ -79,15 +89,18 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Args:
         x: [T, Din] float32/float16/bfloat16, T = R * tokens_per_route, a route unit's rows contiguous.
         weight: [E, Din, Dout], x's dtype.  bias: [E, Dout] or None.
-        topk_weights: [R, k] floating (any float dtype; used in float32).  topk_ids: [R, k] int32/int64.
+        topk_weights: [R, k] floating (any float dtype; used in float32).  topk_ids: [R, k] int32/int64
+            in [0, E): others raise a ValueError (CPU) or a device-side assert (CUDA, no sync).
         tokens_per_route: rows per route unit (1: token routing; N: one route per sample).
     Returns:
         y: [T, Dout] in x's dtype. Differentiable in x, weight, bias and topk_weights.
     """
     _validate.check_expert_linear(x, weight, bias, topk_weights, topk_ids, tokens_per_route)
-    impl = _resolve_traceable(backend, x)
+    impl = _resolve(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
         return ops.expert_linear_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route, impl)
+    # The ops check the ids inside (also under torch.compile); the other paths here.
+    _validate.check_topk_ids_values(topk_ids, weight.shape[0])
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_linear_permuted
         return expert_linear_permuted(x, weight, bias, topk_weights, topk_ids,
@@ -112,10 +125,12 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
     """
     _validate.check_expert_mlp(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
                                tokens_per_route)
-    impl = _resolve_traceable(backend, x)
+    impl = _resolve(backend, x)
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
         return ops.expert_mlp_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
-                             tokens_per_route, impl)
+                                 tokens_per_route, impl)
+    # The ops check the ids inside (also under torch.compile); the other paths here.
+    _validate.check_topk_ids_values(topk_ids, w1.shape[0])
     if impl in ("cuda", "grouped_mm"):
         from .permute_ops import expert_mlp_permuted
         return expert_mlp_permuted(x, w1, b1, w2, b2, topk_weights, topk_ids,
@@ -151,6 +166,8 @@ def switch_modulation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         impl = "torch"  # no fp64 tl.dot path we test; an empty x has nothing to launch
     if impl == "triton" or (impl == "torch" and _torch_via_op()):
         return ops.switch_modulation_op(x, weight, bias, topk_weights, topk_ids, impl, recompute)
+    # The ops check the ids inside (also under torch.compile); the other paths here.
+    _validate.check_topk_ids_values(topk_ids, weight.shape[0])
     if impl in ("cuda", "grouped_mm"):
         batch, tokens, dim = x.shape
         rows_per_route = tokens if topk_ids.shape[0] == batch else batch * tokens

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._validate import ACTIVATIONS, FLOAT_DTYPES
 from .backend import BACKENDS
 from .functional import expert_linear, expert_mlp, switch_modulation
 from .reference import activation_fn
@@ -24,6 +25,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def _check_input_dtype(name: str, t, module: nn.Module, param: torch.Tensor) -> None:
+    """``t`` a floating tensor in ``param``'s dtype, unless autocast is on for its device (then
+    the layers run in autocast's dtype whatever the input's)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} has dtype {t.dtype} but {type(module).__name__}'s parameters are "
+                        f"{param.dtype}: pass {name} in {param.dtype}, convert the module "
+                        f"(module.to({t.dtype})), or run under torch.autocast")
 
 
 def _check_int(name: str, value, low: int = 1) -> None:
@@ -91,6 +105,13 @@ class MoE(nn.Module):
         elif shared_expert_gate:
             raise ValueError("shared_expert_gate=True needs shared_expert_hidden (the shared "
                              "expert's width)")
+        for name, coef in (("load_balance_coef", load_balance_coef), ("z_loss_coef", z_loss_coef)):
+            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (
+                    math.isfinite(coef) and coef >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
+        # Checked even for linear experts (which ignore it), so a typo never waits for d_hidden.
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.d_model, self.num_experts, self.k = d_model, num_experts, k
         self.d_hidden, self.activation = d_hidden, activation
         self.renormalize, self.backend = renormalize, backend
@@ -126,7 +147,8 @@ class MoE(nn.Module):
                 nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
+        _check_input_dtype("x", x, self, self.router.weight)
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
@@ -187,8 +209,12 @@ class MoE(nn.Module):
         counts.scatter_add_(0, topk_ids.reshape(-1).long(),
                             torch.ones(topk_ids.numel(), device=logits.device))
         fraction = counts / max(topk_ids.numel(), 1)
-        self.load_balance_loss = self.num_experts * (fraction * probs.mean(0)).sum()
-        self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        # Means over the tokens as sums / max(T, 1): 0 on an empty batch, where mean() would give
+        # NaN and poison a summed training loss; sums of nothing keep the graph connected.
+        num_tokens = max(logits.shape[0], 1)
+        mean_probs = probs.sum(0) / num_tokens
+        self.load_balance_loss = self.num_experts * (fraction * mean_probs).sum()
+        self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).sum() / num_tokens
         self.aux_loss = self.load_balance_coef * self.load_balance_loss + self.z_loss_coef * self.z_loss
 
     def extra_repr(self) -> str:
@@ -271,9 +297,13 @@ class TimestepMoE(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, d_model))
 
     def gate_probs(self, cond: torch.Tensor) -> torch.Tensor:
-        """Gate probabilities softmax(Linear(SiLU(cond))) in float32: cond [M, d_cond] -> [M, E]."""
-        if cond.shape[-1] != self.d_cond:
-            raise ValueError(f"cond must have last dimension d_cond={self.d_cond}, got {tuple(cond.shape)}")
+        """Gate probabilities softmax(Linear(SiLU(cond))) in float32: cond [M, d_cond] -> [M, E].
+
+        cond: floating, the gate's dtype (any under autocast).
+        """
+        _check_input_dtype("cond", cond, self, self.gate[1].weight)
+        if cond.dim() != 2 or cond.shape[-1] != self.d_cond:
+            raise ValueError(f"cond must be [M, d_cond={self.d_cond}], got {tuple(cond.shape)}")
         return torch.softmax(self.gate(cond).float(), dim=-1)
 
     def route(self, cond: torch.Tensor) -> TimestepRouting:
@@ -284,11 +314,19 @@ class TimestepMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, *,
                 routing: Optional[TimestepRouting] = None) -> Tuple[torch.Tensor, TimestepRouting]:
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x must be a floating torch.Tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, N, d_model={self.d_model}], got {tuple(x.shape)}")
         if routing is None:
             if cond is None:
                 raise ValueError("TimestepMoE.forward needs cond [B, d_cond] or a precomputed routing")
+            rows_ok = not isinstance(cond, torch.Tensor) or cond.dim() != 2 or \
+                cond.shape[0] in (1, x.shape[0])
+            if not rows_ok:  # type, rank and width are gate_probs' to check
+                raise ValueError(f"cond must have one row per sample (B={x.shape[0]}) or a single "
+                                 f"row shared by all samples, got shape {tuple(cond.shape)}")
             routing = self.route(cond)
         dtype = _compute_dtype(x)
         r = switch_modulation(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype),

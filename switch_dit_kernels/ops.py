@@ -180,7 +180,7 @@ def expert_linear_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk
                                     tokens_per_route=tokens_per_route)
         return y, _empty(x, dout)
     from .expert_ops import linear_forward
-    y, h = linear_forward(x.contiguous(), weight, _contig(bias), topk_weights,
+    y, h = linear_forward(_contig(x), weight, _contig(bias), topk_weights,
                           topk_ids.contiguous(), tokens_per_route, keep_h)
     return y, _or_empty(h, x, dout)
 
@@ -206,7 +206,7 @@ def expert_linear_bwd_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Option
                                            tokens_per_route=tokens_per_route)
         return _grads_or_empty(_vjp(fn, likes, needs, grad_y), likes)
     from .expert_ops import linear_backward
-    grads = linear_backward(grad_y, x.contiguous(), weight, bias is not None, topk_weights,
+    grads = linear_backward(grad_y, _contig(x), weight, bias is not None, topk_weights,
                             topk_ids.contiguous(), _kept(h), tokens_per_route, needs)
     return _grads_or_empty(grads, likes)
 
@@ -268,7 +268,7 @@ def expert_mlp_fwd_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                                  activation=activation, tokens_per_route=tokens_per_route)
         return y, _empty(x, hidden_w), _empty(x, hidden), _empty(x, dout)
     from .expert_ops import mlp_forward
-    y, pre, h1, out = mlp_forward(x.contiguous(), w1, _contig(b1), w2, _contig(b2), topk_weights,
+    y, pre, h1, out = mlp_forward(_contig(x), w1, _contig(b1), w2, _contig(b2), topk_weights,
                                   topk_ids.contiguous(), activation, tokens_per_route, train,
                                   keep_out)
     return y, _or_empty(pre, x, hidden_w), h1, _or_empty(out, x, dout)
@@ -299,7 +299,7 @@ def expert_mlp_bwd_op(grad_y: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor
                                         activation=activation, tokens_per_route=tokens_per_route)
         return _grads_or_empty(_vjp(fn, likes, needs, grad_y), likes)
     from .expert_ops import mlp_backward
-    grads = mlp_backward(grad_y, x.contiguous(), w1, b1 is not None, w2, b2 is not None,
+    grads = mlp_backward(grad_y, _contig(x), w1, b1 is not None, w2, b2 is not None,
                          topk_weights, topk_ids.contiguous(), pre, h1, _kept(out), activation,
                          tokens_per_route, needs)
     return _grads_or_empty(grads, likes)
@@ -466,5 +466,6 @@ def switch_modulation_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Biases are read with a unit column stride; weights are not copied (they take strides)."""
-    return t.contiguous() if t is not None else None
+    """x and biases with a unit last stride (weights are not copied: they take strides)."""
+    from .expert_ops import unit_stride
+    return unit_stride(t)

@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import _cuda
+from . import _cuda, _validate
 from .reference import activation_fn
 from .routing import RoutingMetadata, build_routing_metadata
 
@@ -191,6 +191,9 @@ def permute_tokens(x: torch.Tensor, meta: RoutingMetadata, *, impl: str = "auto"
     (csrc when built and x is float32/float16/bfloat16, else torch). Expert e owns sorted rows
     [expert_offsets[e]*N, expert_offsets[e+1]*N): feed them to any grouped GEMM.
     """
+    _check_meta(meta)
+    _check_rows("x", x, meta.num_routes * meta.tokens_per_route, "meta.num_routes * N")
+    _check_device("x", x, meta)
     if impl == "auto":
         impl = "csrc" if _csrc_usable(x) else "torch"
     if impl == "torch":
@@ -208,6 +211,15 @@ def unpermute_tokens(h: torch.Tensor, meta: RoutingMetadata, topk_weights: Optio
     topk_weights: [R, k] floating (used in float32) or None for unit weights. Differentiable in h
     and topk_weights. impl as in `permute_tokens`.
     """
+    _check_meta(meta)
+    _check_rows("h", h, meta.num_sorted_rows, "meta.num_sorted_rows = R*k*N")
+    _check_device("h", h, meta)
+    if topk_weights is not None:
+        _validate.check_tensor("topk_weights", topk_weights, 2)
+        if tuple(topk_weights.shape) != (meta.num_routes, meta.k):
+            raise ValueError(f"topk_weights must be [R, k] = [{meta.num_routes}, {meta.k}] to match "
+                             f"meta, got {tuple(topk_weights.shape)}")
+        _validate.check_same_device(h=h, topk_weights=topk_weights)
     if impl == "auto":
         impl = "csrc" if _csrc_usable(h) else "torch"
     if impl == "torch":
@@ -219,6 +231,26 @@ def unpermute_tokens(h: torch.Tensor, meta: RoutingMetadata, topk_weights: Optio
     # float32 for the kernel; autograd casts dweights back to topk_weights' dtype.
     weights = None if topk_weights is None else topk_weights.to(torch.float32).reshape(-1)
     return _UnpermuteRows.apply(h, weights, meta.pair_to_sorted, meta.k, meta.tokens_per_route)
+
+
+def _check_meta(meta) -> None:
+    if not isinstance(meta, RoutingMetadata):
+        raise TypeError(f"meta must be a RoutingMetadata (from build_routing_metadata), got "
+                        f"{type(meta).__name__}")
+
+
+def _check_rows(name: str, t, rows: int, what: str) -> None:
+    """t a 2-D floating tensor [rows, D] (rows as the routing metadata implies)."""
+    _validate.check_tensor(name, t, 2)
+    if t.shape[0] != rows:
+        raise ValueError(f"{name} must have {what} = {rows} rows to match meta, got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_device(name: str, t: torch.Tensor, meta: RoutingMetadata) -> None:
+    if t.device != meta.pair_to_sorted.device:
+        raise ValueError(f"{name} is on {t.device} but meta (its topk_ids) is on "
+                         f"{meta.pair_to_sorted.device}")
 
 
 def _check_csrc_dtype(name: str, t: torch.Tensor) -> None:

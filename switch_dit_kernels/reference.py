@@ -16,17 +16,28 @@ import torch.nn.functional as F
 
 def route_topk(logits: torch.Tensor, k: int, *, renormalize: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax (float32) then top-k of router logits.
+    """Softmax (float32) then top-k of router logits, ties and NaNs resolved deterministically.
 
     Args:
         logits: [R, E] any floating dtype.
         k: experts per route unit, 1 <= k <= E.
         renormalize: divide the k weights by their sum.
     Returns:
-        topk_weights [R, k] float32 in descending order, topk_ids [R, k] int64.
+        topk_weights [R, k] float32 in descending order, topk_ids [R, k] int64 in [0, E).
+
+    Selection rule (every backend): descending probability, equal probabilities in ascending
+    expert id. A row whose softmax is NaN -- any NaN logit, a +inf logit (inf - inf) or all
+    logits -inf -- has NaN probabilities everywhere; NaN ranks below every number, so such a row
+    gets ids 0..k-1 and NaN weights: the NaN propagates to the layer's output instead of hiding
+    behind a plausible routing, and the ids stay valid for the expert kernels.
     """
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1, sorted=True)
+    # torch.topk breaks ties in no documented order (it returns [2, 3] for a zero row of E = 4):
+    # a stable descending sort keeps equal keys in id order. NaN -> -1 ranks it below every
+    # probability (all >= 0).
+    rank_key = torch.nan_to_num(probs.detach(), nan=-1.0)
+    ids = torch.sort(rank_key, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
@@ -40,6 +51,9 @@ def _expert_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     x: [T, Din] viewed as [R, N, Din]; expert_fn(e, rows[M, Din]) -> [M, out_features].
     """
     num_routes = topk_ids.shape[0]
+    if num_routes == 0:
+        # An empty batch: keep the graph, so backward gives every input a (zero) gradient.
+        return expert_fn(0, x) * topk_weights.sum().to(x.dtype)
     xu = x.reshape(num_routes, tokens_per_route, x.shape[-1])
     y = x.new_zeros(num_routes, tokens_per_route, out_features)
     for e in range(num_experts):

@@ -30,8 +30,12 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_rows, num_experts
     denom = tl.sum(exp, axis=1)
     denom = tl.where(row_ok, denom, 1.0)
     probs = exp / denom[:, None]
-    # Masked columns get -1 so they are never picked (probabilities are >= 0).
-    work = tl.where(mask, probs, -1.0)
+    # Selection key: the probability, NaN -> -0.5 (below every probability, which is >= 0, so a
+    # NaN row -- NaN, +inf or all -inf logits -- picks ids 0..k-1 as the reference does),
+    # padded columns -1, picked columns -2. No NaN ever enters max/==, whose NaN behaviour
+    # differs between the GPU and the interpreter (the old kernel returned id E for NaN rows).
+    work = tl.where(probs == probs, probs, -0.5)
+    work = tl.where(mask, work, -1.0)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     if RENORMALIZE:
         # The sum of the k picks comes from a first selection pass in registers. Storing the
@@ -42,18 +46,23 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_rows, num_experts
         for j in tl.static_range(K):
             best = tl.max(scan, axis=1)
             best_id = tl.min(tl.where(scan == best[:, None], cols[None, :], BLOCK_E), axis=1)
-            total += best
-            scan = tl.where(cols[None, :] == best_id[:, None], -2.0, scan)
+            picked = cols[None, :] == best_id[:, None]
+            # The pick's probability itself (NaN stays NaN), not its key.
+            total += tl.sum(tl.where(picked, probs, 0.0), axis=1)
+            scan = tl.where(picked, -2.0, scan)
+        total = tl.where(row_ok, total, 1.0)  # padded rows sum to 0: avoid 0 / 0 there
     for j in tl.static_range(K):
         best = tl.max(work, axis=1)
         # Lowest column holding the maximum: the tie rule is "lower expert id wins".
         is_best = work == best[:, None]
         best_id = tl.min(tl.where(is_best, cols[None, :], BLOCK_E), axis=1)
+        picked = cols[None, :] == best_id[:, None]
+        weight = tl.sum(tl.where(picked, probs, 0.0), axis=1)
         if RENORMALIZE:
-            best = best / total
-        tl.store(weights_ptr + rows.to(tl.int64) * K + j, best, mask=row_ok)
+            weight = weight / total
+        tl.store(weights_ptr + rows.to(tl.int64) * K + j, weight, mask=row_ok)
         tl.store(ids_ptr + rows.to(tl.int64) * K + j, best_id.to(tl.int64), mask=row_ok)
-        work = tl.where(cols[None, :] == best_id[:, None], -2.0, work)
+        work = tl.where(picked, -2.0, work)
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = False,
@@ -82,9 +91,12 @@ def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool = False,
 
 def topk_softmax_torch(logits: torch.Tensor, k: int, renormalize: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch twin of `topk_softmax` (same outputs, ties aside)."""
+    """Plain-PyTorch twin of `topk_softmax`: the same ids (ties to the lower id, NaN rows 0..k-1)
+    and weights up to rounding."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
+    rank_key = torch.nan_to_num(probs, nan=-1.0)
+    ids = torch.sort(rank_key, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids
