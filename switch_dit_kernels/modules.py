@@ -147,7 +147,9 @@ class MoE(nn.Module):
                 nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input_dtype("x", x, self, self.router.weight)
+        # The experts' dtype, not the router's: a float32 router inside a bf16 MoE is how HF
+        # checkpoints keep DeepSeek-V3's gate (router_float32).
+        _check_input_dtype("x", x, self, self.weight if self.d_hidden is None else self.w1)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got {tuple(x.shape)}")
         shape = x.shape

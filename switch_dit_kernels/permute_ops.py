@@ -147,6 +147,30 @@ def unpermute_rows_backward(dy: torch.Tensor, h: Optional[torch.Tensor],
 # Autograd
 # ----------------------------------------------------------------------------------------------
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``result`` (a gradient the csrc kernels computed) that ties it to ``grad`` in
+    the graph and raises if differentiated: with create_graph=True the kernels' output would
+    otherwise carry no graph and a gradient penalty would come back silently wrong."""
+
+    @staticmethod
+    def forward(ctx, result, grad):
+        return result.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "double backward through switch_dit's csrc permutation (backend='cuda' or "
+            "'grouped_mm') is unsupported: its kernels have no derivative. Use backend='torch' "
+            "for second-order gradients.")
+
+
+def _graph_safe(result: Optional[torch.Tensor], grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """``result`` as is, or wrapped by _NoDoubleBackward under create_graph=True."""
+    if result is None or not (torch.is_grad_enabled() and grad.requires_grad):
+        return result
+    return _NoDoubleBackward.apply(result, grad)
+
+
 class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pair_to_sorted, k, tokens_per_route):
@@ -159,7 +183,7 @@ class _PermuteRows(torch.autograd.Function):
         (pair_to_sorted,) = ctx.saved_tensors
         # Each token row was copied to k sorted rows: its gradient is the sum of theirs.
         dx = unpermute_rows(grad_out, pair_to_sorted, None, ctx.k, ctx.n)
-        return dx, None, None, None
+        return _graph_safe(dx, grad_out), None, None, None
 
 
 class _UnpermuteRows(torch.autograd.Function):
@@ -176,7 +200,8 @@ class _UnpermuteRows(torch.autograd.Function):
         dh, dw = unpermute_rows_backward(grad_y, h, pair_to_sorted, weights, ctx.k, ctx.n)
         if dw is not None:
             dw = dw.reshape(weights.shape)
-        return (dh if ctx.needs_input_grad[0] else None), dw, None, None, None
+        dh = dh if ctx.needs_input_grad[0] else None
+        return _graph_safe(dh, grad_y), _graph_safe(dw, grad_y), None, None, None
 
 
 def _csrc_usable(x: torch.Tensor) -> bool:

@@ -256,3 +256,16 @@ def test_route_topk_triton_second_order_matches_torch():
         results.append(ddl)
     assert results[0].abs().sum() > 0
     torch.testing.assert_close(results[1].double(), results[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not sdk.cuda_extension_available(), reason="needs the csrc extension")
+def test_cuda_backend_double_backward_is_refused_not_dropped():
+    # backend="cuda" permutes with the csrc kernels (CPU tensors run their host twin): a gradient
+    # penalty through them used to come back silently wrong (w.grad None, x.grad norm 1405 vs
+    # 2328 on torch); a second backward through the permutation now raises.
+    gates, ids = routing(13, 5, 2)
+    leaves = [t.detach().requires_grad_(True)
+              for t in (rand(13, 8), rand(5, 8, 6, scale=0.3), rand(5, 6), gates)]
+    with pytest.raises(RuntimeError, match="double backward through switch_dit.s csrc permutation"):
+        weight_grad_penalty(
+            lambda x, w, b, g: sdk.expert_linear(x, w, b, g, ids, backend="cuda"), leaves)
