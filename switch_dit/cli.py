@@ -177,3 +177,14 @@ def checkpoint_path(path: str) -> str:
 def show_progress(quiet: bool = False) -> bool:
     """Progress bars go to stderr, only when it is a terminal and --quiet was not given."""
     return not quiet and sys.stderr.isatty()
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--num-sampling-steps, --cfg-scale and --sampler, each defaulting to the run's own setting
+    (shared by `switch_dit.sample` and `switch_dit.evaluate`)."""
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=None,
+                        help=run_default("sample_steps"))
+    parser.add_argument("--cfg-scale", type=cfg_scale_float, default=None,
+                        help="classifier-free guidance, >= 1 (1 = off); " + run_default("cfg_scale"))
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                        help=run_default("sampler"))

@@ -204,13 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--npz", help="score samples saved by `switch_dit.sample --npz`")
     p.add_argument("--num-samples", type=cli.int_in_range(2), default=500,
                    help="with --checkpoint: how many samples (>= 2)")
-    p.add_argument("--num-sampling-steps", type=cli.positive_int, default=None,
-                   help=cli.run_default("sample_steps"))
-    p.add_argument("--cfg-scale", type=cli.cfg_scale_float, default=None,
-                   help="classifier-free guidance, >= 1 (1 = off); "
-                        + cli.run_default("cfg_scale"))
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
-                   help=cli.run_default("sampler"))
+    cli.add_sampling_arguments(p)
     p.add_argument("--seed", type=cli.seed_int, default=0, help="sampling seed")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,

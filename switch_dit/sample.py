@@ -165,13 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a results folder")
     p.add_argument("--out", default=None, help="PNG grid path (a row per class)")
     p.add_argument("--per-class", type=cli.positive_int, default=10, help="grid columns")
-    p.add_argument("--num-sampling-steps", type=cli.positive_int, default=None,
-                   help=cli.run_default("sample_steps"))
-    p.add_argument("--cfg-scale", type=cli.cfg_scale_float, default=None,
-                   help="classifier-free guidance, >= 1 (1 = off); "
-                        + cli.run_default("cfg_scale"))
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
-                   help=cli.run_default("sampler"))
+    cli.add_sampling_arguments(p)
     p.add_argument("--num-samples", type=cli.non_negative_int, default=0,
                    help="with --npz: how many samples")
     p.add_argument("--npz", default=None, help="write uint8 samples + labels here (for FID tools)")

@@ -71,7 +71,8 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    keep_h: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """y [T, Dout] and, when ``keep_h`` (the gates need a gradient), the unweighted expert output
     h [R*k*N, Dout] in sorted order (None otherwise). x contiguous; weight any strides."""
-    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     g = _gates(topk_weights, x)
     if meta.k == 1 and not keep_h:
         # One slot per token: the GEMM scales and scatters straight into y.
@@ -86,7 +87,8 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has
     """(dx, dW, db, dg) of `linear_forward` given dy [T, Dout]; ``needs`` = which of the four to
     compute (None for the others). dg comes back in topk_weights' dtype."""
     need_dx, need_dw, need_db, need_dg = needs
-    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     g = _gates(topk_weights, x)
     dy = unit_stride(dy)
     dg = gate_grad(dy, h, meta).to(topk_weights.dtype) if need_dg else None
@@ -103,7 +105,8 @@ def mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w
     ``train``: keep the pre-activation for the activation backward. ``keep_out``: keep the
     unweighted second-layer output for the gate gradient. x contiguous; weights any strides.
     """
-    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     g = _gates(topk_weights, x)
     if train:
         h1, pre = grouped_gemm(x, w1, meta, bias=b1, gather=True, activation=activation,
@@ -123,7 +126,8 @@ def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, has_b1: bo
                  needs: Sequence[bool]):
     """(dx, dw1, db1, dw2, db2, dg) of `mlp_forward` (None where ``needs`` says no)."""
     need_dx, need_dw1, need_db1, need_dw2, need_db2, need_dg = needs
-    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     g = _gates(topk_weights, x)
     dy = unit_stride(dy)
     dg = gate_grad(dy, out, meta).to(topk_weights.dtype) if need_dg else None

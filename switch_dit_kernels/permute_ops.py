@@ -402,7 +402,8 @@ def expert_linear_permuted(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     Returns:
         y [T, Dout] in x's dtype.
     """
-    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, weight.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     plan = _plan(x, impl, meta, (weight.shape[1], weight.shape[2]))
     xs = permute_tokens(x, meta, impl=plan.permutation)
     h = _expert_gemm(xs, weight, meta, plan)
@@ -425,7 +426,8 @@ def expert_mlp_permuted(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Te
     Returns:
         y [T, Dout] in x's dtype.
     """
-    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route)
+    meta = build_routing_metadata(topk_ids, w1.shape[0], tokens_per_route=tokens_per_route,
+                                  check_ids=False)  # checked by the caller
     plan = _plan(x, impl, meta, (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))
     xs = permute_tokens(x, meta, impl=plan.permutation)
     h = _expert_gemm(xs, w1, meta, plan)

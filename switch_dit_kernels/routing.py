@@ -60,20 +60,23 @@ class RoutingMetadata:
 
 
 def build_routing_metadata(topk_ids: torch.Tensor, num_experts: int, *,
-                           tokens_per_route: int = 1) -> RoutingMetadata:
+                           tokens_per_route: int = 1, check_ids: bool = True) -> RoutingMetadata:
     """Sort the R*k (unit, slot) pairs of ``topk_ids`` [R, k] by expert, on the device, no host sync.
 
     Args:
         topk_ids: [R, k] int32/int64 expert ids in [0, num_experts) (CPU: a ValueError otherwise;
             CUDA: a device-side assert, no host sync).
         num_experts: E >= 1.  tokens_per_route: N >= 1 rows of x per route unit.
+        check_ids: read the ids to refuse bad ones (3-4 small kernels on CUDA); the package's own
+            layers pass False because their front door (or op) has checked them already.
     """
     _validate.check_tensor("topk_ids", topk_ids, 2, _validate.INDEX_DTYPES)
     _validate.check_positive_int("num_experts", num_experts)
     _validate.check_positive_int("tokens_per_route", tokens_per_route)
     if topk_ids.shape[1] < 1:
         raise ValueError(f"topk_ids must have k >= 1 columns, got shape {tuple(topk_ids.shape)}")
-    _validate.check_topk_ids_values(topk_ids, num_experts)
+    if check_ids:
+        _validate.check_topk_ids_values(topk_ids, num_experts)
     num_routes, k = topk_ids.shape
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()
