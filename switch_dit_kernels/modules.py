@@ -203,10 +203,12 @@ class MoE(nn.Module):
         P: mean router probability; sigmoid scores normalised per token) and z-loss
         mean(logsumexp(logits)^2)."""
         logits = logits.float()
-        if self.score_func == "sigmoid" and scores is not None:
-            probs = scores / scores.sum(-1, keepdim=True)
-        else:
+        if scores is None:
             probs = torch.softmax(logits, dim=-1)
+        elif self.score_func == "sigmoid":
+            probs = scores / scores.sum(-1, keepdim=True)
+        else:  # the router's own softmax(logits.float()): the same bits, computed once
+            probs = scores
         counts = torch.zeros(self.num_experts, device=logits.device, dtype=torch.float32)
         counts.scatter_add_(0, topk_ids.reshape(-1).long(),
                             torch.ones(topk_ids.numel(), device=logits.device))

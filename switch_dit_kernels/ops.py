@@ -126,6 +126,13 @@ def _no_setup(ctx, inputs, output) -> None:
     pass
 
 
+def _input_grads(grads: Sequence[Tensor], needs: Sequence[bool], num_inputs: int) -> tuple:
+    """A forward op's autograd result: its differentiable inputs' gradients where ``needs`` says
+    so (None elsewhere), then None for the remaining ``num_inputs - len(needs)`` arguments."""
+    return (*(g if need else None for g, need in zip(grads, needs)),
+            *(None,) * (num_inputs - len(needs)))
+
+
 # ---------------------------------------------------------------------------------------------
 # route_topk (Triton only: the torch backend is softmax + topk, which compiles as it is)
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +237,7 @@ def _expert_linear_backward(ctx, grad_y, _grad_h):
         return (None,) * 8
     grads = expert_linear_bwd_op(grad_y, x, weight, bias, topk_weights, topk_ids, h,
                                  ctx.tokens_per_route, ctx.backend, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    return _input_grads(grads, needs, 8)
 
 
 expert_linear_fwd_op.register_autograd(_expert_linear_backward,
@@ -325,7 +332,7 @@ def _expert_mlp_backward(ctx, grad_y, *_grad_intermediates):
         return (None,) * 12
     grads = expert_mlp_bwd_op(grad_y, x, w1, b1, w2, b2, topk_weights, topk_ids, pre, h1, out,
                               ctx.activation, ctx.tokens_per_route, ctx.backend, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), *(None,) * 6)
+    return _input_grads(grads, needs, 12)
 
 
 expert_mlp_fwd_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
@@ -447,7 +454,7 @@ def _switch_modulation_backward(ctx, grad_r, _grad_y):
     op = switch_modulation_bwd_inplace_op if in_place else switch_modulation_bwd_op
     grads = op(grad_r, x, weight, bias, topk_weights, topk_ids, _or_empty(y, x, *x.shape[1:]),
                ctx.backend, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+    return _input_grads(grads, needs, 8)
 
 
 switch_modulation_fwd_op.register_autograd(_switch_modulation_backward,

@@ -155,8 +155,8 @@ def mask_foreign_experts(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     a NaN/inf weight there cannot leak. Returns (ids [T, k], weights [T, k]).
     """
     local = (top_k_index >= 0) & (top_k_index < num_experts)
-    ids = torch.where(local, top_k_index, torch.zeros_like(top_k_index))
-    weights = torch.where(local, top_k_weights, torch.zeros_like(top_k_weights))
+    ids = torch.where(local, top_k_index, 0)
+    weights = torch.where(local, top_k_weights, 0.0)
     return ids, weights
 
 
