@@ -110,6 +110,22 @@ def cpu_threads(device: torch.device, threads: Optional[int]):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def environ(values: Optional[dict]):
+    """Run the block with the environment variables ``values`` set (restored after)."""
+    values = values or {}
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

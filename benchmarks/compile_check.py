@@ -291,7 +291,43 @@ def _switch_modulation_specs():
             dw_variant("k4", 4, 4, True, main=True),
             dw_variant("k6-second-chunk", 6, 2, False),
         ])
-    return [fwd, merge, dx, prepass, dw]
+    return [fwd, merge, dx, prepass, dw] + _gluon_specs()
+
+
+def _gluon_specs():
+    """The opt-in Gluon twins (SWITCH_DIT_SMOD_GLUON=1): fixed tiles from `gluon_tile`, no
+    autotuning; written against Triton 3.6's Gluon API, so only read under 3.6."""
+    mod = importlib.import_module(f"{PACKAGE}.switch_modulation_gluon")
+    if not mod.gluon_supported():
+        print(f"note: Gluon kernels skipped (written for Triton {mod.GLUON_TRITON_VERSIONS}, "
+              f"this is {triton.__version__})")
+        return []
+
+    def variant(name, k, premerged, is_dx, store_aux, u_given, has_bias):
+        bm, bn, bk, warps, stages = mod.gluon_tile(1 if premerged else k, is_dx and not u_given)
+        return Variant(name, dict(K_EXP=k, HAS_BIAS=has_bias, PREMERGED=premerged, IS_DX=is_dx,
+                                  STORE_AUX=store_aux, U_GIVEN=u_given, BLOCK_M=bm, BLOCK_N=bn,
+                                  BLOCK_K=bk, STAGES=stages, num_warps=warps),
+                       roles=dict(b_ptr="f32") if premerged else {}, warps=warps, stages=1)
+
+    return [KernelSpec(
+        "switch_modulation_gluon", "_smod_gluon_kernel",
+        roles=dict(x_ptr="in", dr_ptr="in", w_ptr="in", b_ptr="in", g_ptr="f32", ids_ptr="i32",
+                   out_ptr="in", y_ptr="in"),
+        aligned=("N_u", "D"),
+        dtypes=("fp16", "bf16"),
+        variants=[
+            variant("fwd-k2-train", 2, False, False, True, False, True),
+            variant("fwd-k1", 1, False, False, False, False, True),
+            variant("fwd-k4-nobias", 4, False, False, True, False, False),
+            variant("fwd-premerged", 1, True, False, True, False, True),
+            variant("dx-k2-store-u", 2, False, True, True, False, False),
+            variant("dx-k1-no-u", 1, False, True, False, False, False),
+            variant("dx-k4-store-u", 4, False, True, True, False, False),
+            variant("dx-premerged-store-u", 1, True, True, True, False, False),
+            variant("dx-k2-u-given", 2, False, True, False, True, False),
+            variant("dx-premerged-u-given", 1, True, True, False, True, False),
+        ])]
 
 
 def all_specs():
@@ -392,6 +428,8 @@ class SpecError(Exception):
 
 def build_source(fn, spec: KernelSpec, variant: Variant, dtype_label: str, tile: dict):
     from triton.compiler import ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: N814
     consts = {**auto_consts(fn, dtype_label), **variant.consts, **tile}
     consts.update({name: 1 for name in variant.ones})
     roles = {**spec.roles, **variant.roles}
@@ -504,7 +542,9 @@ def result_of(md, asm, want_resources: bool) -> Result:
     res = resource_usage(asm.get("cubin", b"")) if want_resources else {}
     ttgir = asm.get("ttgir", "")
     ptx = asm.get("ptx", "")
-    mma = mma_kind(ptx) if "tt.dot" in asm.get("ttir", "") else "-"
+    # Gluon kernels start at TTGIR (no TTIR): their MMA is a warp_group_dot there
+    has_dot = "tt.dot" in asm.get("ttir", "") or "warp_group_dot" in ttgir
+    mma = mma_kind(ptx) if has_dot else "-"
     pipe, why = wgmma_pipelining(ptx) if mma == "wgmma" else ("-", "")
     return Result(True, shared=int(shared), regs=res.get("REG", -1),
                   spill=res.get("STACK", 0) + res.get("LOCAL", 0), mma=mma,
@@ -730,18 +770,31 @@ def launch_cases(dtype: torch.dtype):
                                                       leaf(experts, dim, dim),
                                                       leaf(experts, dim), g, ids))
                 return run
-            def with_prepass(thunk):
+            def with_env(thunk, gluon=False, **env):
+                """Run thunk with environment knobs set; gluon: SWITCH_DIT_SMOD_GLUON=1 with
+                the CPU tensors taken for sm_90 ones (the stand-in driver compiles for sm_90)."""
+                from switch_dit_kernels.kernels import switch_modulation_gluon as smod_gluon
+
                 def run():
-                    old = os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS")
-                    os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = "1"
+                    knobs = dict(env, **({"SWITCH_DIT_SMOD_GLUON": "1"} if gluon else {}))
+                    old = {key: os.environ.get(key) for key in knobs}
+                    os.environ.update(knobs)
+                    is_sm90 = smod_gluon._is_sm90
+                    if gluon:
+                        smod_gluon._is_sm90 = lambda x: True
                     try:
                         thunk()
                     finally:
-                        if old is None:
-                            os.environ.pop("SWITCH_DIT_SMOD_DX_PREPASS")
-                        else:
-                            os.environ["SWITCH_DIT_SMOD_DX_PREPASS"] = old
+                        smod_gluon._is_sm90 = is_sm90
+                        for key, value in old.items():
+                            if value is None:
+                                os.environ.pop(key)
+                            else:
+                                os.environ[key] = value
                 return run
+
+            def with_prepass(thunk):
+                return with_env(thunk, SWITCH_DIT_SMOD_DX_PREPASS="1")
             cases += [
                 ("switch_modulation k=2 E=3", smod(2, 256, 1152, 3, 2, False)),
                 ("switch_modulation k=1 E=3", smod(2, 256, 1152, 3, 1, False)),
@@ -752,6 +805,24 @@ def launch_cases(dtype: torch.dtype):
                 ("switch_modulation k=1 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 1, False))),
                 ("switch_modulation shared u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, True))),
             ]
+            from switch_dit_kernels.kernels.switch_modulation_gluon import gluon_supported
+            if gluon_supported() and dtype in (torch.float16, torch.bfloat16):
+                # opt-in: SWITCH_DIT_SMOD_GLUON=1 (the sm_90 Gluon forward and dx)
+                cases += [
+                    ("switch_modulation k=2 E=3 gluon", with_env(smod(2, 256, 1152, 3, 2, False),
+                                                                 gluon=True)),
+                    ("switch_modulation k=1 E=3 gluon", with_env(smod(2, 256, 1152, 3, 1, False),
+                                                                 gluon=True)),
+                    ("switch_modulation k=4 E=5 gluon", with_env(smod(2, 256, 1152, 5, 4, False),
+                                                                 gluon=True)),
+                    ("switch_modulation shared gluon", with_env(smod(2, 256, 1152, 3, 2, True),
+                                                                gluon=True)),
+                    ("switch_modulation k=2 E=3 gluon+prepass",
+                     with_env(smod(2, 256, 1152, 3, 2, False), gluon=True,
+                              SWITCH_DIT_SMOD_DX_PREPASS="1")),
+                    ("switch_modulation S D=384 k=2 gluon", with_env(smod(2, 256, 384, 3, 2, False),
+                                                                     gluon=True)),
+                ]
     return cases
 
 
@@ -1037,6 +1108,11 @@ def run_spec_check(args) -> int:
             covered.add(f"{spec.module}.{resolve(spec)[0].__name__}")
         except Exception as exc:  # noqa: BLE001
             report["failures"].append(f"{spec.module}.{spec.attr}: cannot resolve: {exc}")
+    # Gluon kernels are written against one Triton's Gluon API (_gluon_specs says which): under
+    # another Triton they have no spec on purpose
+    from switch_dit_kernels.kernels.switch_modulation_gluon import gluon_supported
+    if not gluon_supported():
+        covered.add("switch_modulation_gluon._smod_gluon_kernel")
     for qual in discover_kernels():
         if qual not in covered:
             report["failures"].append(f"{qual}: a JIT kernel with no spec in compile_check.py")

@@ -21,6 +21,9 @@ Implementations (``--impls``, comma-separated; "default" or "all"):
   reference / loop                 the official Switch-DiT loop / the Hugging Face Mixtral loop
   torch_grouped_mm                 PyTorch-side sort + gather, torch._grouped_mm, index_add
   switch_modulation_triton         our fused `switch_modulation` (merged expert weight per sample)
+  switch_modulation_triton_prepass the same with SWITCH_DIT_SMOD_DX_PREPASS=1 (u formed first)
+  switch_modulation_gluon          the same with SWITCH_DIT_SMOD_GLUON=1: the sm_90 Gluon forward
+                                   and dx (merge overlapped with the wgmma; error row elsewhere)
   expert_linear_triton             our token-level `expert_linear` (tokens_per_route=N), then x*(1+y)
   expert_mlp_triton                our `expert_mlp`
   *_grouped_mm, *_cuda, *_torch    the library's other backends ("cuda" only when csrc was built)
@@ -255,11 +258,17 @@ class Impl:
     suite: str
     needs: str  # "" | "triton" | "grouped_mm" (torch's) | "cuda" (CUDA tensors) | "cuda_ext" (csrc)
     build: Builder
+    # environment knobs set while this implementation is built and timed (opt-in kernel paths)
+    env: Optional[Tuple[Tuple[str, str], ...]] = None
 
 
 IMPLS: Dict[str, Impl] = {i.name + "/" + i.suite: i for i in [
     Impl("reference", "switch", "", _switch_reference),
     Impl("switch_modulation_triton", "switch", "triton", _switch_api("triton")),
+    Impl("switch_modulation_triton_prepass", "switch", "triton", _switch_api("triton"),
+         env=(("SWITCH_DIT_SMOD_DX_PREPASS", "1"),)),
+    Impl("switch_modulation_gluon", "switch", "gluon", _switch_api("triton"),
+         env=(("SWITCH_DIT_SMOD_GLUON", "1"),)),
     Impl("expert_linear_triton", "switch", "triton", _switch_expert_linear),
     Impl("torch_grouped_mm", "switch", "grouped_mm", _switch_grouped),
     Impl("dense_same_flops", "switch", "", _switch_dense_same_flops),
@@ -299,6 +308,14 @@ def unavailable(impl: Impl, device: torch.device, dtype: torch.dtype) -> Optiona
             return "Triton kernels need CUDA tensors or TRITON_INTERPRET=1"
         if device.type != "cuda" and dtype == torch.bfloat16:
             return "the Triton interpreter's tl.dot is wrong on bfloat16"
+    if impl.needs == "gluon":
+        from switch_dit_kernels.kernels import switch_modulation_gluon as sg
+        if not sg.gluon_supported():
+            return "the Gluon kernels are written for Triton 3.6"
+        probe = torch.empty(16, device=device, dtype=dtype)
+        with common.environ({"SWITCH_DIT_SMOD_GLUON": "1"}):
+            if not sg.gluon_enabled(probe):
+                return "the Gluon kernels need 16-bit inputs on an sm_90 GPU"
     if impl.needs == "grouped_mm":
         return grouped_mm_unavailable(device.type, dtype)
     if impl.needs == "cuda" and device.type != "cuda":
@@ -354,35 +371,37 @@ def run_case(case, impl_names: Sequence[str], modes: Sequence[str], device: torc
 
     for name in impl_names:
         impl = IMPLS[f"{name}/{case.suite}"]
-        unavailable_reason = unavailable(impl, device, dtype)
-        reason = None if unavailable_reason is None else f"skipped: {unavailable_reason}"
-        state: dict = {}
-        if reason is None and not deadline.expired():
-            try:  # build and one untimed forward: the output is checked against the reference
-                fwd, leaves, own_flops, comparable = impl.build(case, inp)
-                with torch.no_grad():
-                    out = fwd()
-                state = dict(fwd=fwd, leaves=leaves, flops=own_flops or case.flops_forward(),
-                             comparable=comparable and check,
-                             rel_err=common.rel_err(out, ref_out) if comparable and check else None,
-                             gout=grad_out if comparable else torch.randn_like(out))
-                del out
-            except Exception as exc:  # noqa: BLE001 - record, go on with the next implementation
-                reason = common.format_error(exc)
-        for mode in modes:
-            if reason is not None:
-                emit(_row(env, case, name, mode, dtype, error=reason))
-            elif deadline.expired():
-                emit(_row(env, case, name, mode, dtype, error="skipped: time budget of the run spent"))
-            else:
-                try:
-                    emit(_row(env, case, name, mode, dtype,
-                              **_measure(state, mode, device, quick, ref_dx, inp)))
-                except Exception as exc:  # noqa: BLE001 - record, go on with the next mode
-                    emit(_row(env, case, name, mode, dtype, error=common.format_error(exc)))
-                    common.free_memory(device)
-        state.clear()
-        common.free_memory(device)
+        # opt-in kernel paths are environment knobs, read at every launch (backward too)
+        with common.environ(dict(impl.env or ())):
+            unavailable_reason = unavailable(impl, device, dtype)
+            reason = None if unavailable_reason is None else f"skipped: {unavailable_reason}"
+            state: dict = {}
+            if reason is None and not deadline.expired():
+                try:  # build and one untimed forward: the output is checked against the reference
+                    fwd, leaves, own_flops, comparable = impl.build(case, inp)
+                    with torch.no_grad():
+                        out = fwd()
+                    state = dict(fwd=fwd, leaves=leaves, flops=own_flops or case.flops_forward(),
+                                 comparable=comparable and check,
+                                 rel_err=common.rel_err(out, ref_out) if comparable and check else None,
+                                 gout=grad_out if comparable else torch.randn_like(out))
+                    del out
+                except Exception as exc:  # noqa: BLE001 - record, go on with the next implementation
+                    reason = common.format_error(exc)
+            for mode in modes:
+                if reason is not None:
+                    emit(_row(env, case, name, mode, dtype, error=reason))
+                elif deadline.expired():
+                    emit(_row(env, case, name, mode, dtype, error="skipped: time budget of the run spent"))
+                else:
+                    try:
+                        emit(_row(env, case, name, mode, dtype,
+                                  **_measure(state, mode, device, quick, ref_dx, inp)))
+                    except Exception as exc:  # noqa: BLE001 - record, go on with the next mode
+                        emit(_row(env, case, name, mode, dtype, error=common.format_error(exc)))
+                        common.free_memory(device)
+            state.clear()
+            common.free_memory(device)
     del inp
     common.free_memory(device)
 

@@ -23,6 +23,8 @@ Variants per model size:
                           base (one batched GEMM), so it is in all variants.
   SwitchDiT[triton,recompute]+prior   moe_recompute=True: the SMoE layers keep no expert output for
                           the backward and recompute it (memory for one more GEMM a block)
+  SwitchDiT[triton,gluon]+prior       SWITCH_DIT_SMOD_GLUON=1: the opt-in sm_90 Gluon forward/dx of
+                          the SMoE layers (elsewhere it falls back to the Triton kernels)
 
 Numbers per row: ms = median wall-clock step time (synchronised, time.perf_counter) over the timed
 steps after the warm-up steps (p20_ms/p80_ms the 20th/80th percentiles); images_per_s = batch / step
@@ -52,12 +54,15 @@ VARIANTS = [
     ("DiT", "DiT", None, False),
     ("SwitchDiT[triton]+prior", "SwitchDiT", "triton", True),
     ("SwitchDiT[triton,recompute]+prior", "SwitchDiT", "triton", True),
+    ("SwitchDiT[triton,gluon]+prior", "SwitchDiT", "triton", True),
     ("SwitchDiT[triton]", "SwitchDiT", "triton", False),
     ("SwitchDiT[torch]+prior", "SwitchDiT", "torch", True),
     ("SwitchDiT[torch]", "SwitchDiT", "torch", False),
 ]
 # Model options of a variant beyond its family and backend.
 VARIANT_OPTIONS = {"SwitchDiT[triton,recompute]+prior": {"moe_recompute": True}}
+# Environment knobs of a variant (opt-in kernel paths, read at every launch).
+VARIANT_ENV = {"SwitchDiT[triton,gluon]+prior": {"SWITCH_DIT_SMOD_GLUON": "1"}}
 
 
 def _row(env: dict, model: str, batch: int, variant: str, backend: Optional[str], prior: bool,
@@ -226,9 +231,11 @@ def _run(args: argparse.Namespace, device: torch.device) -> List[dict]:
                 emit(_row(env, **meta, error=f"skipped: {reason}"))
                 continue
             try:
-                result = measure_step(family, size, batch, backend, prior, device, amp_dtype=amp_dtype,
-                                      warmup=warmup, steps=steps, input_size=input_size,
-                                      options=VARIANT_OPTIONS.get(variant))
+                with common.environ(VARIANT_ENV.get(variant)):
+                    result = measure_step(family, size, batch, backend, prior, device,
+                                          amp_dtype=amp_dtype, warmup=warmup, steps=steps,
+                                          input_size=input_size,
+                                          options=VARIANT_OPTIONS.get(variant))
                 if variant == "DiT":
                     dit_ms, dit_peak = result["ms"], result["peak_gib"]
                 result["ratio_to_dit"] = result["ms"] / dit_ms if dit_ms else None

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from . import switch_modulation_gluon
 from .tuning import autotune_cache_enabled, autotuning_enabled
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +291,11 @@ def launch_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     rows_per_unit: N_u, with R * N_u = M.
     """
     num_units, k = ids.shape
+    if switch_modulation_gluon.gluon_applies(1 if premerged else k, x, weight, r):
+        # opt-in sm_90 twin that overlaps the W~ merge with the wgmma (SWITCH_DIT_SMOD_GLUON=1)
+        switch_modulation_gluon.launch_fwd_gluon(x, weight, bias, g, ids, rows_per_unit, r, y,
+                                                 premerged=premerged)
+        return
     dim = x.shape[-1]
     _switch_modulation_fwd_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
         x, weight, bias if bias is not None else x, g, ids, r, y if y is not None else r,

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from . import switch_modulation_gluon
 from .tuning import autotune_cache_enabled, autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
@@ -123,6 +124,12 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
     """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D]).
     u_given: `launch_u_prepass` ran (y holds u, dx holds dR * (1 + y))."""
     num_units, k = ids.shape
+    if switch_modulation_gluon.gluon_applies(1 if premerged else k, x, dr, weight, y, dx):
+        # opt-in sm_90 twin that overlaps the W~ merge with the wgmma (SWITCH_DIT_SMOD_GLUON=1)
+        switch_modulation_gluon.launch_dx_gluon(dr, x, weight, g, ids, y, dx, rows_per_unit,
+                                                premerged=premerged, store_u=store_u,
+                                                u_given=u_given)
+        return
     dim = x.shape[-1]
     _switch_modulation_dx_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
         dr, x, weight, g, ids, y, dx, rows_per_unit, dim,
