@@ -125,7 +125,7 @@ stage moe_ffn 90 "$PY" -m benchmarks.moe_layer --device "$DEVICE" --cases ffn ${
 XDIST=()
 if "$PY" -c "import xdist" 2>/dev/null && (( PYTEST_WORKERS > 1 )); then XDIST=(-n "$PYTEST_WORKERS"); fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  stage tests_gpu 80 env SWITCH_DIT_AUTOTUNE="${TEST_AUTOTUNE:-0}" \
+  stage tests_gpu 100 env SWITCH_DIT_AUTOTUNE="${TEST_AUTOTUNE:-0}" \
     "$PY" -m pytest tests/ -q -m gpu -p no:cacheprovider -p no:randomly ${XDIST[@]+"${XDIST[@]}"}
 fi
 
