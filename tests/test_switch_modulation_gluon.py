@@ -52,7 +52,7 @@ def test_tiles_fit_and_keep_the_pipeline(k_loads, forms_u):
 
 
 def test_smem_count_matches_the_allocations():
-    # k=2 forward at 128x128x64, 3 stages: ring 3 x (x 16 KB + 2 experts 32 KB) + 2 merged 32 KB
+    # k=2 forward at 128x128x64, 3 stages: ring 3 x (x 16 KB + 2 experts 32 KB) + 2 merged 16 KB
     assert sg.gluon_smem_bytes(128, 128, 64, 3, 2, False) == (3 * (16 + 32) + 32) * 1024
     # dx forming u adds a dR chunk per stage and two u buffers
     assert sg.gluon_smem_bytes(128, 128, 32, 4, 2, True) == (4 * (16 + 16) + 16 + 16) * 1024
@@ -89,20 +89,34 @@ def test_applies_only_to_aligned_calls(monkeypatch):
     monkeypatch.setattr(sg, "gluon_supported", lambda: True)
     monkeypatch.setattr(sg, "_is_sm90", lambda t: True)
     x = torch.zeros(2, 4, 48, dtype=torch.bfloat16)
-    assert sg.gluon_applies(2, x, x)
-    assert not sg.gluon_applies(8, x, x)                # no tile fits: the Triton kernel runs
-    odd = torch.zeros(2, 4, 40, dtype=torch.bfloat16)   # D % 16 != 0: 16-byte copies misalign
-    assert not sg.gluon_applies(2, odd)
+    assert sg.gluon_applies(2, True, x, x)
+    assert not sg.gluon_applies(8, True, x, x)          # no tile fits: the Triton kernel runs
+    # k = 6: the forward's ring fits, the dx ring (dR chunks, u buffers too) does not
+    assert sg.gluon_applies(6, False, x) and not sg.gluon_applies(6, True, x)
+    odd = torch.zeros(2, 4, 40, dtype=torch.bfloat16)   # D % 16 != 0: no divisibility hint
+    assert not sg.gluon_applies(2, True, odd)
     base = torch.zeros(2 * 4 * 48 + 1, dtype=torch.bfloat16)
     shifted = base[1:].view(2, 4, 48)                   # 2-byte offset: no 16-byte cp.async
-    assert not sg.gluon_applies(2, x, shifted)
+    assert not sg.gluon_applies(2, True, x, shifted)
+    assert not sg.gluon_applies(2, True, x, x.half())   # copied into x-typed shared buffers
+
+
+def test_tile_override(monkeypatch):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", "64,3")
+    assert sg.gluon_tile(2, False)[2:] == (64, 8, 3)
+    with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_GLUON_TILE"):
+        sg.gluon_tile(2, True)                          # 64,3 does not fit dx with k = 2
+    for bad in ("64", "64,2", "48,4", "a,b"):
+        monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", bad)
+        with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_GLUON_TILE"):
+            sg.gluon_tile(1, False)
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_launchers_route_to_gluon_with_the_same_arguments(monkeypatch, shared):
     # The forward and dx launchers hand the Gluon twin exactly what the Triton kernel would get.
     seen = []
-    monkeypatch.setattr(sg, "gluon_applies", lambda k_loads, *tensors: True)
+    monkeypatch.setattr(sg, "gluon_applies", lambda k_loads, forms_u, *tensors: True)
     monkeypatch.setattr(sg, "launch_fwd_gluon", lambda *a, **kw: seen.append(("fwd", a, kw)))
     monkeypatch.setattr(sg, "launch_dx_gluon", lambda *a, **kw: seen.append(("dx", a, kw)))
     x, weight, b, weights, ids = make_inputs(3, 8, 16, 3, 2, routing="shared" if shared else "random")
@@ -153,6 +167,7 @@ GPU_CASES = [
     (4, 130, 256, 5, 4, True, "random"),    # k=4: BLOCK_K 32; N=130 two M tiles, one of 2 rows
     (8, 256, 384, 3, 2, True, "shared"),    # one routing row: premerged W~, a dense GEMM
     (4, 64, 256, 3, 2, True, "unused"),     # experts 1, 3, 4... serve no sample
+    (2, 40, 32, 3, 1, True, "random"),      # D=32: 1 K step while the ring prefetches more (masked)
 ]
 
 

@@ -291,7 +291,7 @@ def launch_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     rows_per_unit: N_u, with R * N_u = M.
     """
     num_units, k = ids.shape
-    if switch_modulation_gluon.gluon_applies(1 if premerged else k, x, weight, r):
+    if switch_modulation_gluon.gluon_applies(1 if premerged else k, False, x, weight, r):
         # opt-in sm_90 twin that overlaps the W~ merge with the wgmma (SWITCH_DIT_SMOD_GLUON=1)
         switch_modulation_gluon.launch_fwd_gluon(x, weight, bias, g, ids, rows_per_unit, r, y,
                                                  premerged=premerged)

@@ -124,7 +124,8 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
     """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D]).
     u_given: `launch_u_prepass` ran (y holds u, dx holds dR * (1 + y))."""
     num_units, k = ids.shape
-    if switch_modulation_gluon.gluon_applies(1 if premerged else k, x, dr, weight, y, dx):
+    if switch_modulation_gluon.gluon_applies(1 if premerged else k, not u_given, x, dr, weight,
+                                             y, dx):
         # opt-in sm_90 twin that overlaps the W~ merge with the wgmma (SWITCH_DIT_SMOD_GLUON=1)
         switch_modulation_gluon.launch_dx_gluon(dr, x, weight, g, ids, y, dx, rows_per_unit,
                                                 premerged=premerged, store_u=store_u,

@@ -25,6 +25,11 @@ dx is the same loop on A = u = dR * x (formed from two ring chunks, stored to a 
 A tile the same way; or read from the u pre-pass) and B = W~^T: the expert chunks are loaded as
 [BN, BK] row-major pieces of W (W[e][cols, kk]) and handed to the wgmma through a transposed view.
 
+Known cost to time on a GPU: Triton's barrier pass treats all slots of one shared allocation as one
+buffer, so it adds 3-5 CTA barriers per K step beyond the two above (between the copies of
+different experts into the ring, before the merge reads it). A ring allocated [STAGES, k, rows,
+cols] and filled by one 3-D copy per stage would avoid most of them.
+
 Status: compiled and read by the Hopper gate (benchmarks/compile_check.py, Triton 3.6, sm_90), not
 yet run: the CPU interpreter cannot execute Gluon and no GPU has run it. It is therefore opt-in
 (SWITCH_DIT_SMOD_GLUON=1, 16-bit inputs, sm_90 only); the Triton kernels stay the tested default
@@ -63,21 +68,47 @@ def gluon_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, k_lo
     return 2 * (ring + merged)
 
 
+# (BLOCK_K, STAGES) in order of preference: prefetch depth first. With 3 stages the loop waits at
+# every step for copies issued one step (one 128x128x64 wgmma, ~500 cycles) earlier, likely shorter
+# than an HBM load; 32-wide chunks buy 5-6 stages in the same shared memory. A GPU run decides
+# (SWITCH_DIT_SMOD_GLUON_TILE=BK,STAGES overrides it to compare).
+_TILE_PREFERENCE = ((64, 4), (32, 6), (32, 5), (64, 3), (32, 4), (32, 3))
+
+
+def _tile_override():
+    """SWITCH_DIT_SMOD_GLUON_TILE="BK,STAGES" (for timing alternatives on a GPU), or None."""
+    value = os.environ.get("SWITCH_DIT_SMOD_GLUON_TILE", "")
+    if not value:
+        return None
+    try:
+        bk, stages = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"SWITCH_DIT_SMOD_GLUON_TILE={value!r}: expected 'BLOCK_K,STAGES', "
+                         f"e.g. '64,3'") from None
+    if bk not in (16, 32, 64) or stages < 3:
+        raise ValueError(f"SWITCH_DIT_SMOD_GLUON_TILE={value!r}: BLOCK_K must be 16, 32 or 64 and "
+                         f"STAGES >= 3 (copies run STAGES - 2 steps ahead)")
+    return bk, stages
+
+
 def gluon_tile(k_loads: int, forms_u: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES) of the Gluon kernels for `k_loads` expert
     chunks per K step (1: k = 1 or premerged); forms_u: the dx kernel forming u = dR * x.
 
-    128x128 with 8 warps (two warpgroups of 64 rows, 64 fp32 accumulators a thread); BLOCK_K 64
-    (one 128-byte swizzled row per chunk row) when 3 stages fit, else 32; 4 stages when they fit.
-    The loop needs STAGES >= 3: copies run STAGES - 2 steps ahead of the merge. Triton 3.6 sm_90
-    bf16 (compile_check): 120-164 registers, 0 spills, wgmma.wait_group 1 in the loop.
+    128x128 with 8 warps (two warpgroups of 64 rows, 64 fp32 accumulators a thread), the first
+    (BLOCK_K, STAGES) of `_TILE_PREFERENCE` that fits 200 KB of shared memory. The loop needs
+    STAGES >= 3: copies run STAGES - 2 steps ahead of the merge. Triton 3.6 sm_90 bf16
+    (compile_check): 99-221 registers, 0 spills, wgmma.wait_group 1 in the loop.
+    Raises ValueError when nothing fits (many experts per sample: the Triton kernel runs).
     """
     bm, bn, warps = 128, 128, 8
-    for bk in (64, 32):
-        for stages in (4, 3):
-            if gluon_smem_bytes(bm, bn, bk, stages, k_loads, forms_u) <= _SMEM_BUDGET:
-                return bm, bn, bk, warps, stages
-    raise ValueError(f"no Gluon tile fits {k_loads} expert chunks per step; use the Triton kernel")
+    override = _tile_override()
+    for bk, stages in ((override,) if override else _TILE_PREFERENCE):
+        if gluon_smem_bytes(bm, bn, bk, stages, k_loads, forms_u) <= _SMEM_BUDGET:
+            return bm, bn, bk, warps, stages
+    raise ValueError(f"no Gluon tile fits {k_loads} expert chunks per step"
+                     f"{' at SWITCH_DIT_SMOD_GLUON_TILE' if override else ''}; "
+                     f"use the Triton kernel")
 
 
 # Gluon is experimental and its API moves between releases (Triton 3.9 renamed the cp.async
@@ -291,11 +322,13 @@ if HAVE_GLUON:
             if PREMERGED:
                 acc += gl.load(b_ptr + cn, mask=mask_n, other=0.0).to(gl.float32)[None, :]
             else:
+                # b~ summed in fp32 first, then added once: the Triton twin's order, same bits
+                bt = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(0, mma_layout))
                 for j in gl.static_range(K_EXP):
                     e = gl.load(ids_ptr + unit * K_EXP + j).to(gl.int64)
                     gj = gl.load(g_ptr + unit * K_EXP + j)
-                    acc += gj * gl.load(b_ptr + e * D + cn, mask=mask_n,
-                                        other=0.0).to(gl.float32)[None, :]
+                    bt += gj * gl.load(b_ptr + e * D + cn, mask=mask_n, other=0.0).to(gl.float32)
+                acc += bt[None, :]
         offs = tile_base + rm[:, None] * D + cn[None, :]
         mask = (rm < rows_left)[:, None] & mask_n[None, :]
         if IS_DX:
@@ -333,31 +366,35 @@ def _launch(x, dr, weight, bias, g, ids, out, y, rows_per_unit: int, *, premerge
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
 
 
-def gluon_applies(k_loads: int, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """The opt-in is on and this call fits the Gluon kernels: 16-bit x on sm_90, D a multiple of
-    16 and every tensor the kernel copies with cp.async 16-byte aligned (16-byte copies; without
-    the JIT's divisibility-16 hint on D, Triton 3.6 fails to lower them), a tile that fits
-    `k_loads` expert chunks. Switch-DiT's D = 384 ... 1152 and torch's allocations all qualify."""
+def gluon_applies(k_loads: int, forms_u: bool, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """The opt-in is on and this call fits the Gluon kernels: 16-bit x on sm_90, every tensor in
+    x's dtype (the kernel copies them into x-typed buffers; the Triton twin would cast), D a
+    multiple of 16 and every tensor 16-byte aligned (16-byte cp.async: every row starts at a
+    multiple of D; without the JIT's divisibility-16 hint on D Triton 3.6 fails to lower them),
+    and a tile that fits `k_loads` expert chunks (forms_u: the dx kernel forming u = dR * x).
+    Switch-DiT's D = 384 ... 1152 and torch's allocations all qualify."""
     if not gluon_enabled(x) or x.shape[-1] % 16 != 0:
+        return False
+    if any(t.dtype != x.dtype for t in tensors):
         return False
     if any(t.data_ptr() % 16 for t in (x, *tensors)):
         return False
     try:
-        gluon_tile(k_loads, True)
+        gluon_tile(k_loads, forms_u)
     except ValueError:
         return False
     return True
 
 
 def launch_fwd_gluon(x, weight, bias, g, ids, rows_per_unit, r, y, *, premerged: bool) -> None:
-    """Same contract as `switch_modulation.launch_fwd` (16-bit x, sm_90, D % 8 == 0)."""
+    """Same contract as `switch_modulation.launch_fwd` (where `gluon_applies` holds)."""
     _launch(x, None, weight, bias, g, ids, r, y, rows_per_unit, premerged=premerged,
             is_dx=False, store_aux=y is not None)
 
 
 def launch_dx_gluon(dr, x, weight, g, ids, y, dx, rows_per_unit, *, premerged: bool,
                     store_u: bool, u_given: bool = False) -> None:
-    """Same contract as `switch_modulation_bwd.launch_dx` (16-bit x, sm_90, D % 8 == 0): y is
+    """Same contract as `switch_modulation_bwd.launch_dx` (where `gluon_applies` holds): y is
     read (dR * (1 + y)) and, with store_u, overwritten by u; u_given: y holds u already."""
     _launch(x, dr, weight, None, g, ids, dx, y, rows_per_unit, premerged=premerged, is_dx=True,
             store_aux=store_u and not u_given, u_given=u_given)
