@@ -209,3 +209,44 @@ def test_first_step_shapes_match_the_model_registry():
     assert first_step.model_shapes("SwitchDiT-S/4")["N"] == 64
     with pytest.raises(SystemExit):
         first_step.model_shapes("XXL/2")
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m switch_dit_kernels.warmup
+# ------------------------------------------------------------------------------------------------
+def test_warmup_refuses_without_a_gpu(monkeypatch, capsys):
+    from switch_dit_kernels import warmup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert warmup.main(["switch_modulation"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("op", ["switch_modulation", "expert_linear", "expert_mlp"])
+def test_warmup_runs_forward_and_backward_on_the_triton_path(monkeypatch, op):
+    # On the interpreter at tiny shapes: the public function is called with backend="triton" at
+    # the given shapes and its backward runs (each leaf gets a gradient).
+    from switch_dit_kernels import functional, warmup
+    if not tuning.triton_interpreting():
+        pytest.skip("interpreter test")
+    seen = []
+    real = getattr(functional, op)
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(functional, op, spy)
+    if op == "switch_modulation":
+        warmup.warm_switch_modulation(2, 16, 32, 3, 2, dtype=torch.float32, device="cpu")
+        assert seen[0][0][0].shape == (2, 16, 32) and seen[0][0][1].shape == (3, 32, 32)
+    elif op == "expert_linear":
+        warmup.warm_expert_linear(24, 32, 40, 5, 2, dtype=torch.float32, device="cpu")
+        assert seen[0][0][0].shape == (24, 32) and seen[0][0][1].shape == (5, 32, 40)
+    else:
+        warmup.warm_expert_mlp(24, 32, 48, 5, 2, activation="swiglu", dtype=torch.float32,
+                               device="cpu")
+        assert seen[0][0][1].shape == (5, 32, 96) and seen[0][0][3].shape == (5, 48, 32)
+    args, kwargs = seen[0]
+    assert kwargs["backend"] == "triton"
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    assert leaves and all(a.grad is not None and torch.isfinite(a.grad).all() for a in leaves)
