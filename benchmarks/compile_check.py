@@ -20,6 +20,7 @@ Usage (Triton 3.6 and 3.9 alike; TRITON_INTERPRET is removed from the environmen
     python benchmarks/compile_check.py --kernels combine,topk_softmax --targets 90 --dtypes bf16
     python benchmarks/compile_check.py --per-config      # + resources of every swept config
     SWITCH_DIT_AUTOTUNE=0 python benchmarks/compile_check.py --launch   # see below
+    python benchmarks/compile_check.py --first-step XL/2   # first-call cost of a training step
 Compiled kernels land in Triton's cache (TRITON_CACHE_DIR), so a second run takes seconds; --fresh
 compiles into a temporary cache.
 
@@ -33,6 +34,9 @@ switch_modulation; forward and backward) on CPU tensors through Triton's own JIT
 stand-in driver that compiles for sm_90, applies Triton's shared-memory check and launches nothing:
 argument specialisation, heuristics, autotuner pruning and hooks, and the launchers' glue code run
 exactly as on the GPU machines.
+
+--first-step [MODEL] measures the first-call cost (compilations, seconds) of a Switch-DiT training
+step the same way, tuned and untuned, cold and warm cache (benchmarks/first_step.py).
 """
 from __future__ import annotations
 
