@@ -20,6 +20,7 @@ Usage (Triton 3.6 and 3.9 alike; TRITON_INTERPRET is removed from the environmen
     python benchmarks/compile_check.py --kernels combine,topk_softmax --targets 90 --dtypes bf16
     python benchmarks/compile_check.py --per-config      # + resources of every swept config
     SWITCH_DIT_AUTOTUNE=0 python benchmarks/compile_check.py --launch   # see below
+    python benchmarks/compile_check.py --first-step XL/2   # first-call cost of a training step
 Compiled kernels land in Triton's cache (TRITON_CACHE_DIR), so a second run takes seconds; --fresh
 compiles into a temporary cache.
 
@@ -33,11 +34,15 @@ switch_modulation; forward and backward) on CPU tensors through Triton's own JIT
 stand-in driver that compiles for sm_90, applies Triton's shared-memory check and launches nothing:
 argument specialisation, heuristics, autotuner pruning and hooks, and the launchers' glue code run
 exactly as on the GPU machines.
+
+--first-step [MODEL] measures the first-call cost (compilations, seconds) of a Switch-DiT training
+step the same way, tuned and untuned, cold and warm cache (benchmarks/first_step.py).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import pkgutil
 import re
@@ -51,8 +56,11 @@ from dataclasses import dataclass, field
 # Must happen before triton is imported: under TRITON_INTERPRET=1 triton.compile is never reached
 # and the kernels' modules pick their interpreter-only configs.
 os.environ.pop("TRITON_INTERPRET", None)
-# The stand-in driver's "timings" are all 1.0: they must not land in the persistent autotune cache.
-os.environ["SWITCH_DIT_AUTOTUNE_CACHE"] = "0"
+# The stand-in driver's "timings" are all 1.0: they must not land in the persistent autotune cache
+# (--first-step keeps them in its own throwaway TRITON_CACHE_DIR, to time a warm start).
+if not os.environ.get("TRITON_CACHE_DIR") or \
+        os.environ.get("SWITCH_DIT_FIRST_STEP_CACHE") != os.environ.get("TRITON_CACHE_DIR"):
+    os.environ["SWITCH_DIT_AUTOTUNE_CACHE"] = "0"
 os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -624,16 +632,24 @@ def pruner_keeps(spec, prune, configs, dtype_label, consts):
     when nothing in the list fits."""
     if prune is None or not spec.problems:
         return list(configs)
+    from triton.runtime.driver import driver
     dtype = TORCH_DTYPES[dtype_label]
     kept, seen = [], set()
-    for problem in spec.problems:
-        named = {name: torch.empty(0, dtype=dtype if role == "in" else torch.float32)
-                 for name, role in spec.roles.items()}
-        named.update(problem)
-        for c in prune(list(configs), named, **consts):
-            if config_label(c) not in seen:
-                seen.add(config_label(c))
-                kept.append(c)
+    # The pruners read the GPU generation from Triton's active driver at launch (sm_90 keeps the
+    # Hopper list): prune as on an sm_90 device, the target the pruners and this check calibrate.
+    previous = getattr(driver, "_active", None)
+    driver.set_active(FakeCudaDriver(90))
+    try:
+        for problem in spec.problems:
+            named = {name: torch.empty(0, dtype=dtype if role == "in" else torch.float32)
+                     for name, role in spec.roles.items()}
+            named.update(problem)
+            for c in prune(list(configs), named, **consts):
+                if config_label(c) not in seen:
+                    seen.add(config_label(c))
+                    kept.append(c)
+    finally:
+        driver.set_active(previous)
     order = {config_label(c): i for i, c in enumerate(configs)}
     return sorted(kept, key=lambda c: order.get(config_label(c), len(order)))
 
@@ -1057,6 +1073,13 @@ def main(argv=None) -> int:
     ap.add_argument("--launch", action="store_true",
                     help="instead: run the public Triton entry points (fwd + bwd) through the JIT "
                          "with a fake driver (first target only); default dtypes bf16,fp32")
+    ap.add_argument("--first-step", nargs="?", const="XL/2", default=None, metavar="MODEL",
+                    help="instead: compilations and seconds of the first training step of "
+                         "Switch-DiT-MODEL (default XL/2), tuned and untuned, cold and warm cache, "
+                         "each in a fresh process (benchmarks/first_step.py)")
+    ap.add_argument("--first-step-run", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=32,
+                    help="--first-step: samples per GPU (default 32: 256 over 8 GPUs)")
     ap.add_argument("--gate", action="store_true",
                     help="the Hopper codegen gate: sm_90, bf16, every kept config, then the launch "
                          "path; fails on a serialised wgmma kernel (only wait_group 0, or ptxas "
@@ -1079,6 +1102,13 @@ def main(argv=None) -> int:
     except ImportError as exc:
         print(f"this Triton cannot compile for CUDA here: {exc}")
         return 2
+    if args.first_step or args.first_step_run:
+        from benchmarks import first_step
+        if args.first_step_run:
+            print(json.dumps(first_step.run_once(args.first_step_run, args.batch,
+                                                 FakeCudaDriver)))
+            return 0
+        return first_step.run_matrix(args.first_step, args.batch, os.path.abspath(__file__))
     if args.launch:
         return run_launch_check(args)
     rc = run_spec_check(args)

@@ -36,22 +36,23 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from . import switch_modulation_gluon
+from . import switch_modulation_gluon, tuning
 from .tuning import autotune_cache_enabled, autotuning_enabled
 
 # ----------------------------------------------------------------------------------------------
 # Autotuning, keyed on (rows per unit, D, k) (the autotuner adds the tensors' dtypes to the key).
 # The space is BLOCK_M 64/128, BLOCK_N 64/128/256, BLOCK_K 32/64, 4/8 warps, 3/4 stages; by default
-# a curated 10 of its 48 points plus one 256-row tile (each config costs a compilation, ~1 s, on
-# the first call per key);
-# SWITCH_DIT_SMOD_AUTOTUNE=full benchmarks all 48; SWITCH_DIT_AUTOTUNE=0 keeps the first that fits
-# (one compilation per key, the same bits in every process). Under the interpreter a single small
-# config: no benchmarking, and tiles small enough that odd test sizes (24, 37, 40) span several tiles.
+# a curated 10 of its 48 points plus one 256-row tile (`SMOD_SPACE`), which the pruner cuts at
+# launch to the GPU generation's list (`SMOD_CURATED`; each config costs a compilation, ~1 s, on
+# the first call per key). SWITCH_DIT_AUTOTUNE=full (or SWITCH_DIT_SMOD_AUTOTUNE=full) benchmarks
+# all 48 + 1; SWITCH_DIT_AUTOTUNE=0 keeps the first that fits (one compilation per key, the same
+# bits in every process). Under the interpreter a single small config: no benchmarking, and tiles
+# small enough that odd test sizes (24, 37, 40) span several tiles.
 # ----------------------------------------------------------------------------------------------
 _SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; keep headroom for the epilogue
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_CURATED = [
+SMOD_SPACE = [
     (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
     (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
     (64, 256, 32, 8, 4), (64, 64, 64, 4, 3),
@@ -60,23 +61,44 @@ _CURATED = [
     # buffer) but no spill on sm_90 (Triton 3.6 bf16: 140-166 regs); the autotuner decides on a GPU.
     (256, 64, 64, 8, 3),
 ]
+SMOD_CURATED = {
+    # Triton 3.6 sm_90 bf16, compile_check --gate --configs all (fwd 4 and dx 7 variants,
+    # 2026-12-01). With k >= 2 every config waits for each wgmma (the on-chip merge), so the list is
+    # picked on the rest of the reading: BLOCK_M = 64 rows per warpgroup, BLOCK_K = 64 where it
+    # compiles clean. Kept: 128x128x64 w8 s3 (the default; fwd 136-196 regs, dx 104-205), 256x64x64
+    # w8 s3 (fwd: half the merges per MMA, 140-166 regs; the dx's two row tiles exceed shared memory,
+    # the pruner drops it there), 64x128x64 w4 s4 (144-216 regs), 64x128x32 w4 s3 (the one dx config
+    # that keeps an MMA in flight with the fused u at k = 1 and for shared routing; every other one
+    # is serialised there), 64x64x64 w4 s3 (small problems, 64-138 regs). Dropped: 128x128x32 w8 s4
+    # and 64x256x32 w8 s4 (BLOCK_K 32 at 8 warps: half the wgmma depth a stage, 170-204 regs),
+    # 128x64x64 w4 s4 (128 rows on one warpgroup: 145-212 regs); the 128x256 and 128x128 w4 tiles
+    # spill and were already pruned. At Switch-DiT-XL/2 (N = 256, D = 1152, k = 2): fwd 8 -> 5, dx
+    # 7 -> 4 compilations.
+    "hopper": [(128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
+               (64, 64, 64, 4, 3)],
+    # mma.sync: 32-deep tiles with 3-4 stages and two 64-deep half tiles; the pruner's shared-memory
+    # budget follows the device (160 KB sm_80, 96 KB sm_86/89). Not gate-read (sm_90 only).
+    "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
+}
 
 
 def fwd_configs(interpreting: bool | None = None):
     """The forward/dx kernels' autotuning space (one config under TRITON_INTERPRET=1)."""
     if triton_interpreting() if interpreting is None else interpreting:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("SWITCH_DIT_SMOD_AUTOTUNE", "") == "full":
+    if "full" in (os.environ.get("SWITCH_DIT_SMOD_AUTOTUNE", ""),
+                  os.environ.get("SWITCH_DIT_AUTOTUNE", "")):
         points = [(bm, bn, bk, w, s) for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64)
-                  for w in (4, 8) for s in (3, 4)]
+                  for w in (4, 8) for s in (3, 4)] + [(256, 64, 64, 8, 3)]
     else:
-        points = _CURATED
+        points = SMOD_SPACE
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in points]
 
 
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop configs whose pipelined loads overflow shared memory or whose tiles exceed the problem.
+    """The GPU generation's configs (`tuning.for_generation`) whose pipelined loads fit in shared
+    memory and whose tiles do not exceed the problem; only the first under SWITCH_DIT_AUTOTUNE=0.
 
     Per stage the kernel loads one x chunk [BLOCK_M, BLOCK_K] and k expert chunks [BLOCK_K, BLOCK_N]
     (1 when PREMERGED or k = 1), so k = 8 with 256-wide N tiles cannot pipeline 4 stages. The dx
@@ -85,6 +107,8 @@ def prune_fwd_configs(configs, named_args, **kwargs):
     """
     if len(configs) <= 1:
         return configs
+    capability = tuning.target_capability()  # at launch: the GPU being compiled for
+    smem_limit = tuning.smem_budget(capability, _SMEM_BYTES)
     dim = named_args["D"]
     rows = named_args["N_u"]
     loads = 1 if (kwargs.get("PREMERGED") or kwargs.get("K_EXP", 1) == 1) else kwargs["K_EXP"]
@@ -93,10 +117,10 @@ def prune_fwd_configs(configs, named_args, **kwargs):
     max_n = max(64, triton.next_power_of_2(dim))
     max_m = max(64, triton.next_power_of_2(rows))
     kept = []
-    for c in configs:
+    for c in tuning.for_generation(configs, SMOD_CURATED, capability):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         smem = c.num_stages * (row_tiles * bm * bk + loads * bk * bn) * elt
-        if smem > _SMEM_BYTES or bn > max_n or bm > max_m or bk > max(32, triton.next_power_of_2(dim)):
+        if smem > smem_limit or bn > max_n or bm > max_m or bk > max(32, triton.next_power_of_2(dim)):
             continue
         # At most 64 fp32 accumulator values a thread: the epilogue (r = x * (1 + acc), y / u / dx
         # stores) needs registers beside them. Triton 3.6 sm_90 bf16 (compile_check --gate): every
@@ -106,7 +130,7 @@ def prune_fwd_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits
-        stages = 2 if 2 * (row_tiles * 64 * 32 + loads * 32 * 64) * elt <= _SMEM_BYTES else 1
+        stages = 2 if 2 * (row_tiles * 64 * 32 + loads * 32 * 64) * elt <= smem_limit else 1
         kept = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4,
                               num_stages=stages)]
     return kept if autotuning_enabled() else kept[:1]
