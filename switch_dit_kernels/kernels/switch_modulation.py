@@ -82,6 +82,10 @@ SMOD_CURATED = {
 }
 
 
+# The dx tiles that keep an MMA in flight with the fused u and one expert chunk a K step (above).
+_DX_FUSED_U_CLEAN = {(64, 128, 32, 4, 3), (64, 128, 32, 4, 4)}
+
+
 def fwd_configs(interpreting: bool | None = None):
     """The forward/dx kernels' autotuning space (one config under TRITON_INTERPRET=1)."""
     if triton_interpreting() if interpreting is None else interpreting:
@@ -129,6 +133,14 @@ def prune_fwd_configs(configs, named_args, **kwargs):
         if bm * bn > 64 * 32 * c.num_warps:
             continue
         kept.append(c)
+    if (row_tiles == 2 and loads == 1 and not kwargs.get("U_GIVEN")
+            and tuning.generation(capability) == "hopper" and tuning.autotune_mode() != "full"):
+        # dx with the fused u = dR * x and one expert chunk a step (k = 1, shared routing): only
+        # these tiles keep a wgmma in flight there; every other one gets ptxas C7515 (Triton 3.6,
+        # sm_90, bf16: 128x128x32/64 w8, 128x64x32 w4, 64x128x64 w4 and 64x64 all do, 64x128x32
+        # w4 s3/s4 reads wait_group 1, 167-197 registers, no spill).
+        clean = [c for c in kept if tuning.config_point(c) in _DX_FUSED_U_CLEAN]
+        kept = clean or kept
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits
         stages = 2 if 2 * (row_tiles * 64 * 32 + loads * 32 * 64) * elt <= smem_limit else 1
         kept = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4,
