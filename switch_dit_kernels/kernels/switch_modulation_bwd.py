@@ -22,6 +22,10 @@ Work, B*N*D*D MACs = one dense Linear(D, D):
   flushed (read-modify-write of the program's own dW tile in a per-split fp32 buffer) only when
   the tuple changes: at most min(B, E!/(E-k)!) times per split (6 for E=3, k=2), not per sample.
   The loops run over samples (B, known on the host), so no bound depends on the routing.
+  The main loop is one flat loop of (sample, BLOCK_R-row chunk) steps, so the software pipeline
+  runs across samples: the next sample's first chunks load while this sample's last MMAs run,
+  and the MMAs wait for each other (wgmma.wait_group 0) only at a sample's last step, where P_b
+  is consumed; a loop per sample drained and refilled the pipeline every N/BLOCK_R steps.
   Computing dW per (expert, tile) over the samples routed to the expert instead (the grouped-GEMM
   way, via build_routing_metadata's expert offsets) would compute every P_b tile k times: k GEMMs.
 - The reduction over splits (torch.sum over dim 0 of [S, E, D, D]) and over tiles for dg are fixed-
@@ -209,8 +213,8 @@ def _dw_configs():
 
 def _prune_dw_configs(configs, named_args, **kwargs):
     """k = 2 at the 128x64 tile (P tile + 2 slot accumulators + the usum sums) sits at 255
-    registers: Triton 3.6 sm_90 bf16 spilled 24-48 B with BLOCK_R 64 s3 / 32 s3 / 64 s4 (with or
-    without WRITE_USUM), none with 32 s4. Keep that one there; every other (k, tile) compiled clean."""
+    registers: Triton 3.6 sm_90 bf16 spilled 40 B with BLOCK_R 64 (s3 and s4), none with 32 (s3,
+    s4; compile_check --configs all). Keep 32 s4 there; every other (k, tile) compiled clean."""
     if kwargs.get("SLOTS", 1) >= 2 and kwargs.get("BLOCK_I", 0) * kwargs.get("BLOCK_J", 0) >= 128 * 64:
         kept = [c for c in configs if c.kwargs["BLOCK_R"] == 32 and c.num_stages == 4]
         return kept or configs[:1]
@@ -255,78 +259,103 @@ def _switch_modulation_dw_kernel(
 
     p_start = split * units_per_split
     p_end = tl.minimum(p_start + units_per_split, num_units)
+    # One flat loop of (unit, row chunk) steps instead of a loop per unit: the software pipeline
+    # loads the next unit's first chunks while the current unit's last MMAs run (a nested loop
+    # drained and refilled it for every unit: 8 steps of BLOCK_R=32 at N=256, 3 of them the
+    # 4-stage prologue). The P tile is consumed only on a unit's last step (the `if` below), so every other
+    # step keeps its wgmma in flight.
+    steps_per_unit = tl.cdiv(N_u, BLOCK_R)
+    n_steps = (p_end - p_start) * steps_per_unit
     # acc_j: sum of g_bj P_b over the current run of units with equal tuples (units are sorted).
     acc0 = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    for p in range(p_start, p_end):
+    ptile = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    usum = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for step in range(0, n_steps):
+        p = p_start + step // steps_per_unit
+        r0 = (step % steps_per_unit) * BLOCK_R
         unit = tl.load(order_ptr + p)
-        base = unit * K_EXP + slot0
         # P tile = x_unit[:, I]^T @ u_unit[:, J] over the unit's N_u rows (the tensor-core work).
         # Scalar int64 base of the unit, int32 offsets inside it (N_u * D < 2^31, see launch_dw):
         # per-element int64 offsets would cost 2 registers per element and pipeline stage.
         row0 = unit.to(tl.int64) * N_u
         unit_rows = tl.minimum(N_u, M - row0).to(tl.int32)  # the last shared-path unit may be short
-        x_unit = x_ptr + row0 * D
-        u_unit = u_ptr + row0 * D
-        ptile = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-        usum = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for r0 in range(0, N_u, BLOCK_R):
-            local = r0 + tl.arange(0, BLOCK_R)
-            mask_r = local < unit_rows
-            xt = tl.load(x_unit + local[:, None] * D + offs_i[None, :],
-                         mask=mask_r[:, None] & mask_i[None, :], other=0.0)
-            ut = tl.load(u_unit + local[:, None] * D + offs_j[None, :],
-                         mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-            ptile = tl.dot(tl.trans(xt), ut, ptile, input_precision=DOT_PRECISION)
-            if WRITE_USUM:
-                usum += tl.sum(ut.to(tl.float32), axis=0)
+        local = r0 + tl.arange(0, BLOCK_R)
+        mask_r = local < unit_rows
+        xt = tl.load(x_ptr + row0 * D + (local[:, None] * D + offs_i[None, :]),
+                     mask=mask_r[:, None] & mask_i[None, :], other=0.0)
+        ut = tl.load(u_ptr + row0 * D + (local[:, None] * D + offs_j[None, :]),
+                     mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        ptile = tl.dot(tl.trans(xt), ut, ptile, input_precision=DOT_PRECISION)
         if WRITE_USUM:
-            tl.store(usum_ptr + unit.to(tl.int64) * D + offs_j, usum, mask=usum_mask)
-        # Mix P into the slot accumulators and form dg's Frobenius products (CUDA cores).
-        e0 = tl.load(ids_ptr + base)
-        acc0 += tl.load(g_ptr + base) * ptile
-        _slot_dg(dgp_ptr, base, n_tiles, tile, w_ptr, e0, offs_i, offs_j, D, ptile)
-        if SLOTS > 1:
-            e1 = tl.load(ids_ptr + base + 1)
-            acc1 += tl.load(g_ptr + base + 1) * ptile
-            _slot_dg(dgp_ptr, base + 1, n_tiles, tile, w_ptr, e1, offs_i, offs_j, D, ptile)
-        if SLOTS > 2:
-            e2 = tl.load(ids_ptr + base + 2)
-            acc2 += tl.load(g_ptr + base + 2) * ptile
-            _slot_dg(dgp_ptr, base + 2, n_tiles, tile, w_ptr, e2, offs_i, offs_j, D, ptile)
-        if SLOTS > 3:
-            e3 = tl.load(ids_ptr + base + 3)
-            acc3 += tl.load(g_ptr + base + 3) * ptile
-            _slot_dg(dgp_ptr, base + 3, n_tiles, tile, w_ptr, e3, offs_i, offs_j, D, ptile)
-        # The run closes at the split's last unit or when the next unit's tuple differs: flush the
-        # accumulators into the split's dW tiles (rare, units being sorted by tuple), slot by slot
-        # so that a row naming one expert twice adds both slots. Done after the P tile is dead, to
-        # keep the flush's layout conversions out of the hot loop's register peak.
-        nxt = tl.load(order_ptr + tl.minimum(p + 1, p_end - 1)) * K_EXP + slot0
-        close = (p == p_end - 1) | (tl.load(ids_ptr + nxt) != e0)
-        if SLOTS > 1:
-            close = close | (tl.load(ids_ptr + nxt + 1) != e1)
-        if SLOTS > 2:
-            close = close | (tl.load(ids_ptr + nxt + 2) != e2)
-        if SLOTS > 3:
-            close = close | (tl.load(ids_ptr + nxt + 3) != e3)
-        if close:
-            _flush_slot(acc0, e0, split_base, offs_i, offs_j, D)
+            usum += tl.sum(ut.to(tl.float32), axis=0)
+        if r0 + BLOCK_R >= N_u:  # the unit's last chunk: P_b is complete
+            if WRITE_USUM:
+                tl.store(usum_ptr + unit.to(tl.int64) * D + offs_j, usum, mask=usum_mask)
+                usum = tl.zeros([BLOCK_J], dtype=tl.float32)
+            base = unit * K_EXP + slot0
+            # Mix P into the slot accumulators and form dg's Frobenius products (CUDA cores).
+            e0 = tl.load(ids_ptr + base)
+            acc0 += tl.load(g_ptr + base) * ptile
+            _slot_dg(dgp_ptr, base, n_tiles, tile, w_ptr, e0, offs_i, offs_j, D, ptile)
             if SLOTS > 1:
-                _flush_slot(acc1, e1, split_base, offs_i, offs_j, D)
+                e1 = tl.load(ids_ptr + base + 1)
+                acc1 += tl.load(g_ptr + base + 1) * ptile
+                _slot_dg(dgp_ptr, base + 1, n_tiles, tile, w_ptr, e1, offs_i, offs_j, D, ptile)
             if SLOTS > 2:
-                _flush_slot(acc2, e2, split_base, offs_i, offs_j, D)
+                e2 = tl.load(ids_ptr + base + 2)
+                acc2 += tl.load(g_ptr + base + 2) * ptile
+                _slot_dg(dgp_ptr, base + 2, n_tiles, tile, w_ptr, e2, offs_i, offs_j, D, ptile)
             if SLOTS > 3:
-                _flush_slot(acc3, e3, split_base, offs_i, offs_j, D)
-        acc0 = tl.where(close, 0.0, acc0)
-        if SLOTS > 1:
-            acc1 = tl.where(close, 0.0, acc1)
-        if SLOTS > 2:
-            acc2 = tl.where(close, 0.0, acc2)
-        if SLOTS > 3:
-            acc3 = tl.where(close, 0.0, acc3)
+                e3 = tl.load(ids_ptr + base + 3)
+                acc3 += tl.load(g_ptr + base + 3) * ptile
+                _slot_dg(dgp_ptr, base + 3, n_tiles, tile, w_ptr, e3, offs_i, offs_j, D, ptile)
+            ptile = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+            # The run closes at the split's last unit or when the next unit's tuple differs: flush
+            # the accumulators into the split's dW tiles (rare, units being sorted by tuple), slot
+            # by slot so that a row naming one expert twice adds both slots.
+            nxt = tl.load(order_ptr + tl.minimum(p + 1, p_end - 1)) * K_EXP + slot0
+            close = (p == p_end - 1) | (tl.load(ids_ptr + nxt) != e0)
+            if SLOTS > 1:
+                close = close | (tl.load(ids_ptr + nxt + 1) != e1)
+            if SLOTS > 2:
+                close = close | (tl.load(ids_ptr + nxt + 2) != e2)
+            if SLOTS > 3:
+                close = close | (tl.load(ids_ptr + nxt + 3) != e3)
+            if close:
+                _flush_slot(acc0, e0, split_base, offs_i, offs_j, D)
+                if SLOTS > 1:
+                    _flush_slot(acc1, e1, split_base, offs_i, offs_j, D)
+                if SLOTS > 2:
+                    _flush_slot(acc2, e2, split_base, offs_i, offs_j, D)
+                if SLOTS > 3:
+                    _flush_slot(acc3, e3, split_base, offs_i, offs_j, D)
+            acc0 = tl.where(close, 0.0, acc0)
+            if SLOTS > 1:
+                acc1 = tl.where(close, 0.0, acc1)
+            if SLOTS > 2:
+                acc2 = tl.where(close, 0.0, acc2)
+            if SLOTS > 3:
+                acc3 = tl.where(close, 0.0, acc3)
+
+
+# tl.debug_barrier() inside the dW kernel's flat loop stops Triton 3.6 from pipelining it at all
+# (no cp.async, only wgmma.wait_group 0: compile_check, sm_90); the same bar.sync written as inline
+# PTX does not. The interpreter runs no inline PTX (and runs a program's threads in lockstep).
+_PTX_BARRIER = tl.constexpr(not triton_interpreting())
+
+
+@triton.jit
+def _cta_barrier():
+    """bar.sync 0: every thread of the program waits here, and their global writes before it are
+    visible to all of them after it (PTX ISA, barrier: memory ordering among the participants)."""
+    if _PTX_BARRIER:
+        tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    else:
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -338,7 +367,7 @@ def _flush_slot(acc, e, split_base, offs_i, offs_j, D):
     ptrs = split_base + e.to(tl.int64) * D * D + tile_offs
     old = tl.load(ptrs, mask=tile_mask, other=0.0)
     tl.store(ptrs, old + acc, mask=tile_mask)
-    tl.debug_barrier()
+    _cta_barrier()
 
 
 @triton.jit
