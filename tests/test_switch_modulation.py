@@ -488,3 +488,16 @@ def test_dw_splits_match_reference_and_repeat_bitwise(monkeypatch, splits, num_e
         assert_close_rule(g_, s_, t_, torch.float32, name)
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+def test_dw_split_count_fills_the_gpu():
+    # The H200's 132 SMs, k = 2 (128x64 tiles), E = 3, B*N = 65536 rows: XL (D=1152, 162 tiles)
+    # runs 4 splits = 648 programs; S (D=384, 18 tiles) 7 splits = 126 programs, one per SM
+    # (never 1 split = 18 programs). Few rows make the split buffer's reduction dominate: fewer.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import choose_splits
+    assert choose_splits(162, 132, 16, 65536, 3) == 4
+    assert choose_splits(18, 132, 16, 65536, 3) == 7
+    assert choose_splits(18, 132, 16, 2048, 3) < 7
+    assert choose_splits(18, 132, 1, 65536, 3) == 1  # the memory budget's limit holds
+    for tiles in (1, 18, 100, 162, 1000):
+        assert 1 <= choose_splits(tiles, 132, 16, 65536, 8) <= 16

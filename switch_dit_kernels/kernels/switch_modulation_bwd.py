@@ -34,7 +34,7 @@ Total: about 2 dense GEMMs of MACs for the backward, independent of k and E.
 
 Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel overwrites it in place
 with u (each program reads its y tile, then writes u to the same tile), so the backward allocates
-no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 8 splits, chosen to fill the GPU) +
+no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 16 splits, see choose_splits) +
 [B, k, tiles] and [B, D] fp32.
 
 One routing shared by the whole batch ([1, k]): dx runs on the premerged W~ as one dense GEMM over
@@ -385,13 +385,41 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def dw_splits(num_units: int, n_tiles: int, device: torch.device, budget_bytes: int,
-              slice_bytes: int) -> int:
-    """Number of sample splits S of the dW kernel (SWITCH_DIT_SMOD_DW_SPLITS overrides).
+# Tensor-core rate over HBM bandwidth of the GPUs the project is checked on (H100/H200: ~800
+# TFLOP/s dense bf16, 3.4-4.8 TB/s): flops the dW GEMM does in the time one byte of the split
+# reduction moves.
+_FLOP_PER_BYTE = 200
 
-    Programs = S * tiles. Pick S <= 8 minimising the makespan ceil(S * tiles / SMs) / S (plus 2 % a
-    split for the reduction and flushes), with the [S, E, D, D] fp32 buffer within ``budget_bytes``.
-    Under the interpreter: 2, so the tests cross split boundaries.
+
+def choose_splits(n_tiles: int, sms: int, limit: int, rows: int, num_experts: int) -> int:
+    """S in 1..limit minimising the dW kernel's estimated time, in units of its GEMM spread evenly
+    over the SMs:
+
+        ceil(S * tiles / SMs) / S * SMs / tiles     waves of programs, each 1/S of a tile's rows
+      + S * 4 * E * _FLOP_PER_BYTE / rows           the split buffer: every split writes E*D*D fp32
+                                                    (flushes) and the reduction reads it back
+                                                    (8*E*D^2 bytes) against the GEMM's 2*rows*D^2
+
+    One program per SM at a time: the k <= 2 tile holds 255 registers x 8 warps, the whole
+    register file, so a second wave of half-size programs gains nothing and costs a split. XL
+    (D=1152, 162 tiles of 128x64, 132 SMs, B*N=65536, E=3): S=4, 648 programs; S (D=384, 18
+    tiles): S=7, 126 programs (one wave; 14+ splits would add the reduction twice over and a
+    second wave).
+    """
+    best, best_cost = 1, float("inf")
+    for s in range(1, max(1, limit) + 1):
+        waves = -(-s * n_tiles // sms)
+        cost = waves / s * sms / n_tiles + s * 4 * num_experts * _FLOP_PER_BYTE / max(rows, 1)
+        if cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def dw_splits(num_units: int, n_tiles: int, device: torch.device, budget_bytes: int,
+              slice_bytes: int, rows: int, num_experts: int) -> int:
+    """Number of sample splits S of the dW kernel (SWITCH_DIT_SMOD_DW_SPLITS overrides): programs
+    = S * tiles, `choose_splits` with S <= min(16, units) and the [S, E, D, D] fp32 buffer within
+    ``budget_bytes``. Under the interpreter: 2, so the tests cross split boundaries.
     """
     env = os.environ.get("SWITCH_DIT_SMOD_DW_SPLITS")
     if env:
@@ -399,13 +427,8 @@ def dw_splits(num_units: int, n_tiles: int, device: torch.device, budget_bytes: 
     if device.type != "cuda":
         return max(1, min(2, num_units))
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    limit = max(1, min(8, num_units, budget_bytes // max(slice_bytes, 1)))
-    best, best_cost = 1, float("inf")
-    for s in range(1, limit + 1):
-        cost = -(-s * n_tiles // sms) / s + 0.02 * s
-        if cost < best_cost:
-            best, best_cost = s, cost
-    return best
+    limit = max(1, min(16, num_units, budget_bytes // max(slice_bytes, 1)))
+    return choose_splits(n_tiles, sms, limit, rows, num_experts)
 
 
 def unit_order(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -498,7 +521,7 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         budget = max(x.numel() * x.element_size(), 4 * slice_bytes)
         if shared:
             # B*N rows routed alike: S virtual units, one per split, each a run of ceil(B*N / S) rows.
-            splits = dw_splits(rows, n_tiles, x.device, budget, slice_bytes)
+            splits = dw_splits(rows, n_tiles, x.device, budget, slice_bytes, rows, num_experts)
             # units of at most 2^31 elements: the kernel addresses rows inside a unit with int32
             unit_rows = min(triton.cdiv(rows, splits), (2 ** 31 - 1) // dim)
             num_units = triton.cdiv(rows, unit_rows)
@@ -506,7 +529,8 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             ids_u = ids.expand(num_units, k).contiguous()
             order = torch.arange(num_units, device=x.device, dtype=torch.int32)
         else:
-            splits = dw_splits(batch, n_tiles, x.device, budget, slice_bytes)
+            splits = dw_splits(batch, n_tiles, x.device, budget, slice_bytes, rows,
+                                num_experts)
             unit_rows, num_units, g_u, ids_u = tokens, batch, g, ids
             order = unit_order(ids, num_experts)
 
