@@ -246,7 +246,7 @@ def test_poisoned_outputs_are_fully_written(routing):
         torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4, msg=name)
     assert got[0] is dx
 
-    # the dW kernel's per-sample outputs: dg partials [R, k, tiles] and s [R, D]
+    # the dW kernel's per-sample outputs: dg partials [R, k, tiles]
     if routing == "random":
         batch, tokens, dim = x.shape
         u = (grad_r * x).reshape(-1, dim)
@@ -254,11 +254,9 @@ def test_poisoned_outputs_are_fully_written(routing):
         bi, bj = dw_tile(k)
         tiles = -(-dim // bi) * -(-dim // bj)
         dgp = torch.full((batch, k, tiles), nan)
-        usum = torch.full((batch, dim), nan)
         g32, ids32 = weights.float().contiguous(), ids.int().contiguous()
         launch_dw(x.reshape(-1, dim), u, weight, g32, ids32, unit_order(ids32, 3), tokens, 2,
-                  dgp=dgp, usum=usum)
-        torch.testing.assert_close(usum, u.reshape(batch, tokens, dim).sum(1), rtol=1e-5, atol=1e-5)
+                  dgp=dgp)
         assert torch.isfinite(dgp).all()
 
 
@@ -501,3 +499,30 @@ def test_dw_split_count_fills_the_gpu():
     assert choose_splits(18, 132, 1, 65536, 3) == 1  # the memory budget's limit holds
     for tiles in (1, 18, 100, 162, 1000):
         assert 1 <= choose_splits(tiles, 132, 16, 65536, 8) <= 16
+
+
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_dx_epilogue_writes_the_sums_of_u(routing):
+    # The dx kernel's epilogue forms u = dR * x and its column sums per M tile (the dW kernel no
+    # longer sums u): per unit (sample; the whole batch when shared) they add up to u's row sums.
+    # N = 37: a partial last M tile; D = 40: a partial N tile. Rows past a config's tiles stay 0.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import dx_usum_tiles, launch_dx
+    from switch_dit_kernels.kernels.switch_modulation import prepare_routing
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 5, 2, routing=routing)
+    batch, tokens, dim = x.shape
+    grad_r = torch.randn_like(x)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    g, ids32 = prepare_routing(weights, ids)
+    units, rows = (1, batch * tokens) if routing == "shared" else (batch, tokens)
+    wm = merge_experts(weight, b, g.reshape(-1), ids32.reshape(-1))[0] if units == 1 else weight
+    tiles = dx_usum_tiles(rows)
+    part = torch.zeros(units * tiles, dim)
+    u = y.clone().reshape(-1, dim)
+    dx = torch.full((batch * tokens, dim), float("nan"))
+    launch_dx(grad_r.reshape(-1, dim), x.reshape(-1, dim), wm, g, ids32, u, dx, rows,
+              premerged=units == 1, store_u=True, usum_part=part)
+    want_u = grad_r.reshape(-1, dim) * x.reshape(-1, dim)
+    torch.testing.assert_close(u, want_u)
+    torch.testing.assert_close(part.view(units, tiles, dim).sum(1),
+                               want_u.view(units, rows, dim).double().sum(1).float(),
+                               rtol=1e-5, atol=1e-5)

@@ -63,18 +63,25 @@ from .switch_modulation import (
 # dx = dR * (1 + y) + (dR * x) @ W~^T, and u = dR * x written over y.
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
-                                             "U_GIVEN", "DOT_PRECISION"],
+                                             "STORE_USUM", "U_GIVEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
                  restore_value=["y_ptr"],  # benchmarking reruns the kernel; y -> u is not idempotent
+                 # a config with a larger BLOCK_M writes fewer usum rows than the one timed before
+                 reset_to_zero=["usum_ptr"],
                  cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_dx_kernel(
-        dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr,
-        N_u, D,
+        dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr, usum_ptr,
+        N_u, D, usum_tiles,
         K_EXP: tl.constexpr, PREMERGED: tl.constexpr, STORE_U: tl.constexpr,
-        U_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_USUM: tl.constexpr, U_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile).
+
+    STORE_USUM (with STORE_U): usum[unit * usum_tiles + m, cols] = the column sums of this tile's
+    u (fp32 of the rounded u), m the tile's index in its unit; usum [units * usum_tiles, D] fp32,
+    zero on entry (usum_tiles >= ceil(N_u / BLOCK_M); rows a config does not reach stay 0). The
+    dW kernel then needs no row sums: this epilogue holds u in registers anyway.
 
     U_GIVEN (the u pre-pass ran, `_u_prepass_kernel`): y_ptr holds u and dx_ptr dR * (1 + y);
     the main loop reads u as a plain operand (nothing computed between its load and the MMA) and
@@ -119,19 +126,39 @@ def _switch_modulation_dx_kernel(
         # This tile of y is read by this program only. The barrier orders every thread's read of y
         # (consumed by the dx store above) before any thread overwrites it with u.
         tl.debug_barrier()
-        tl.store(y_ptr + tile_base + offs, (dr * x).to(y_ptr.dtype.element_ty), mask=mask)
+        u = (dr * x).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + tile_base + offs, u, mask=mask)
+        if STORE_USUM:
+            # masked rows and columns loaded dR = x = 0: they add 0
+            m_tile = (tl.program_id(0) // tl.cdiv(D, BLOCK_N)) % tl.cdiv(N_u, BLOCK_M)
+            usum_row = unit.to(tl.int64) * usum_tiles + m_tile
+            tl.store(usum_ptr + usum_row * D + cols, tl.sum(u.to(tl.float32), axis=0),
+                     mask=mask_n)
+
+
+def dx_usum_tiles(rows_per_unit: int) -> int:
+    """Rows of usum partials per unit that `launch_dx` needs: M tiles of the smallest BLOCK_M the
+    dx kernel's autotuner may pick."""
+    block_m = min(c.kwargs["BLOCK_M"] for c in _switch_modulation_dx_kernel.configs)
+    return triton.cdiv(rows_per_unit, block_m)
 
 
 def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bool, store_u: bool,
-              u_given: bool = False) -> None:
+              u_given: bool = False, usum_part: Optional[torch.Tensor] = None) -> None:
     """Launch _switch_modulation_dx_kernel on [M, D] views (weight: [E, D, D] or W~ [D, D]).
-    u_given: `launch_u_prepass` ran (y holds u, dx holds dR * (1 + y))."""
+    u_given: `launch_u_prepass` ran (y holds u, dx holds dR * (1 + y)).
+    usum_part: with store_u, [units * dx_usum_tiles(rows_per_unit), D] float32 zeros: receives
+    the per-M-tile column sums of u (sum over each unit's block of rows: the unit's sums)."""
     num_units, k = ids.shape
     dim = x.shape[-1]
+    store_usum = usum_part is not None and store_u and not u_given
+    if usum_part is None:
+        usum_part = torch.empty(1, device=x.device, dtype=torch.float32)  # never written
     _switch_modulation_dx_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
-        dr, x, weight, g, ids, y, dx, rows_per_unit, dim,
+        dr, x, weight, g, ids, y, dx, usum_part, rows_per_unit, dim,
+        dx_usum_tiles(rows_per_unit),
         K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u and not u_given,
-        U_GIVEN=u_given, DOT_PRECISION=dot_precision(x.dtype))
+        STORE_USUM=store_usum, U_GIVEN=u_given, DOT_PRECISION=dot_precision(x.dtype))
 
 
 def u_prepass_enabled() -> bool:
@@ -162,11 +189,11 @@ def _u_prepass_kernel(dr_ptr, x_ptr, y_ptr, dx_ptr, usum_ptr, M, N_u, D,
         offs = base + rows[:, None] * D + cols[None, :]
         dr = tl.load(dr_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if WRITE_DX:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offs, (dr * (1.0 + y)).to(dx_ptr.dtype.element_ty), mask=mask)
         u = (dr * x).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs, u, mask=mask)
-        if WRITE_DX:
-            tl.store(dx_ptr + offs, (dr * (1.0 + y)).to(dx_ptr.dtype.element_ty), mask=mask)
         if WRITE_USUM:
             usum += tl.sum(u.to(tl.float32), axis=0)
     if WRITE_USUM:
@@ -212,7 +239,7 @@ def _dw_configs():
 
 
 def _prune_dw_configs(configs, named_args, **kwargs):
-    """k = 2 at the 128x64 tile (P tile + 2 slot accumulators + the usum sums) sits at 255
+    """k = 2 at the 128x64 tile (P tile + 2 slot accumulators) sits at 250-255
     registers: Triton 3.6 sm_90 bf16 spilled 40 B with BLOCK_R 64 (s3 and s4), none with 32 (s3,
     s4; compile_check --configs all). Keep 32 s4 there; every other (k, tile) compiled clean."""
     if kwargs.get("SLOTS", 1) >= 2 and kwargs.get("BLOCK_I", 0) * kwargs.get("BLOCK_J", 0) >= 128 * 64:
@@ -222,23 +249,22 @@ def _prune_dw_configs(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
-                                                 "WRITE_USUM", "DOT_PRECISION"],
+                                                 "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_dw_configs},
                  reset_to_zero=["partial_ptr"],
                  cache_results=autotune_cache_enabled())  # accumulated read-modify-write
 @triton.jit
 def _switch_modulation_dw_kernel(
-        x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr, usum_ptr,
+        x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr,
         M, N_u, D, E, num_units, units_per_split, slot0,
-        K_EXP: tl.constexpr, SLOTS: tl.constexpr, WRITE_USUM: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        K_EXP: tl.constexpr, SLOTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (split, D x D tile): P_b tiles of its units, mixed into dW / dg / s.
 
     Handles slots slot0 .. slot0 + SLOTS - 1 (SLOTS <= 4) of each unit's k.
     partial: [S, E, D, D] fp32, zero on entry (a launch per 4 slots, each its own S slices).
     dgp: [R, k, tiles] fp32.
-    usum: [R, D] fp32 (WRITE_USUM).  order: [R] int32, units sorted by expert tuple; split s owns
+    order: [R] int32, units sorted by expert tuple; split s owns
     order[s * units_per_split : (s + 1) * units_per_split].
     The slot accumulators are separate 2-D tensors (acc0..acc3, unused ones compiled away), so they
     stay in the tl.dot result's register layout: updating them needs no layout conversion.
@@ -254,7 +280,6 @@ def _switch_modulation_dw_kernel(
     offs_j = tj * BLOCK_J + tl.arange(0, BLOCK_J)
     mask_i = offs_i < D
     mask_j = offs_j < D
-    usum_mask = mask_j & ((offs_j * 0 + ti) == 0)  # tile row 0 writes s (a vector mask: interpreter)
     split_base = partial_ptr + split.to(tl.int64) * E * D * D
 
     p_start = split * units_per_split
@@ -272,7 +297,6 @@ def _switch_modulation_dw_kernel(
     acc2 = acc0
     acc3 = acc0
     ptile = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
-    usum = tl.zeros([BLOCK_J], dtype=tl.float32)
     for step in range(0, n_steps):
         p = p_start + step // steps_per_unit
         r0 = (step % steps_per_unit) * BLOCK_R
@@ -289,12 +313,7 @@ def _switch_modulation_dw_kernel(
         ut = tl.load(u_ptr + row0 * D + (local[:, None] * D + offs_j[None, :]),
                      mask=mask_r[:, None] & mask_j[None, :], other=0.0)
         ptile = tl.dot(tl.trans(xt), ut, ptile, input_precision=DOT_PRECISION)
-        if WRITE_USUM:
-            usum += tl.sum(ut.to(tl.float32), axis=0)
         if r0 + BLOCK_R >= N_u:  # the unit's last chunk: P_b is complete
-            if WRITE_USUM:
-                tl.store(usum_ptr + unit.to(tl.int64) * D + offs_j, usum, mask=usum_mask)
-                usum = tl.zeros([BLOCK_J], dtype=tl.float32)
             base = unit * K_EXP + slot0
             # Mix P into the slot accumulators and form dg's Frobenius products (CUDA cores).
             e0 = tl.load(ids_ptr + base)
@@ -450,10 +469,8 @@ def unit_order(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
-              dgp: Optional[torch.Tensor] = None, usum: Optional[torch.Tensor] = None,
-              write_usum: bool = True):
-    """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], dgp [R, k, T], usum [R, D]).
-    write_usum=False: ``usum`` holds the per-unit column sums of u already (the u pre-pass).
+              dgp: Optional[torch.Tensor] = None):
+    """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], dgp [R, k, T]).
 
     x, u: [M, D].  weight [E, D, D].  g [R, k] float32, ids [R, k] int32, order [R] int32.
     R * rows_per_unit >= M (the last unit may be partial). k > 4: one launch per 4 slots, in order
@@ -471,15 +488,13 @@ def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
     partial = torch.zeros(chunks * splits, num_experts, dim, dim, device=x.device, dtype=torch.float32)
     if dgp is None:
         dgp = torch.empty(num_units, k, n_tiles, device=x.device, dtype=torch.float32)
-    if usum is None:
-        usum = torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
     for chunk, slot0 in enumerate(range(0, k, MAX_SLOTS)):
         _switch_modulation_dw_kernel[(splits * n_tiles,)](
-            x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], dgp, usum,
+            x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], dgp,
             x.shape[0], rows_per_unit, dim, num_experts, num_units, units_per_split, slot0,
-            K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0), WRITE_USUM=slot0 == 0 and write_usum,
+            K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0),
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_I=bi, BLOCK_J=bj)
-    return partial, dgp, usum
+    return partial, dgp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,49 +550,71 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             order = unit_order(ids, num_experts)
 
     dx = None
+    # usum [units, D] fp32: the per-unit column sums of u, which only the bias gradients need
+    # (db and dg's <b_ej, s_b>). Formed once, where u is formed: by the dx kernel's epilogue
+    # (per-M-tile partials), the pre-pass, or the u-only pass; never by the dW kernel.
     usum = None
+    need_usum = need_params and bias is not None
     prepass = u_prepass_enabled() and rows > 0 and (need_dx or need_params)
     if need_dx:
         dx = dx_out if dx_out is not None else torch.empty_like(x)
     if prepass:
-        # u over y, dR * (1 + y) into dx, the per-unit sums of u for the dW kernel: one pass.
+        # u over y, dR * (1 + y) into dx, the per-unit sums of u: one pass.
         usum = (torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
-                if need_params else None)
+                if need_usum else None)
         launch_u_prepass(dr2, x2, y2, dx.view(-1, dim) if need_dx else None, usum,
                          unit_rows if need_params else tokens,
                          num_units if need_params else batch)
     if need_dx:
+        dx_units, dx_rows = (1, rows) if shared else (batch, tokens)
+        usum_part = None
+        if need_usum and not prepass:
+            usum_tiles = dx_usum_tiles(dx_rows)
+            usum_part = torch.zeros(dx_units * usum_tiles, dim, device=x.device,
+                                    dtype=torch.float32)
         if shared:
             if merged is None:
                 merged = merge_experts(weight, bias, g.reshape(-1), ids.reshape(-1))
-            launch_dx(dr2, x2, merged[0], g, ids, y2, dx.view(-1, dim), batch * tokens,
-                      premerged=True, store_u=need_params, u_given=prepass)
+            launch_dx(dr2, x2, merged[0], g, ids, y2, dx.view(-1, dim), rows,
+                      premerged=True, store_u=need_params, u_given=prepass, usum_part=usum_part)
         else:
             launch_dx(dr2, x2, weight, g, ids, y2, dx.view(-1, dim), tokens,
-                      premerged=False, store_u=need_params, u_given=prepass)
+                      premerged=False, store_u=need_params, u_given=prepass, usum_part=usum_part)
+        if usum_part is not None:
+            usum = usum_part.view(dx_units, usum_tiles, dim).sum(1)    # fixed order
     elif need_params and not prepass:
-        torch.mul(dr, x, out=y)
+        if need_usum and rows > 0:
+            usum = torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
+            launch_u_prepass(dr2, x2, y2, None, usum, unit_rows, num_units)
+        else:
+            torch.mul(dr, x, out=y)
+            if need_usum:
+                usum = torch.zeros(num_units, dim, device=x.device, dtype=torch.float32)
     if not need_params:
         return dx, None, None, None
 
-    partial, dgp, usum = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits,
-                                   usum=usum, write_usum=usum is None)
+    partial, dgp = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits)
 
     dw = partial[0] if partial.shape[0] == 1 else partial.sum(0)
     dg = dgp.sum(-1)                                                     # [R_u, k]
+    g_s, ids_s = g_u, ids_u
+    if shared:
+        # One routing: only the batch's totals matter (dg and db are linear in P and s).
+        dg = dg.sum(0, keepdim=True)
+        g_s, ids_s = g, ids
     db = None
     if bias is not None:
-        gate = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.float32)
-        gate.scatter_add_(1, ids_u.long(), g_u)     # one add per (unit, expert) unless ids repeat
-        used = torch.zeros(num_units, num_experts, device=x.device, dtype=torch.bool)
-        used.scatter_(1, ids_u.long(), True)
+        if shared:
+            usum = usum.sum(0, keepdim=True)                            # [1, D]
+        gate = torch.zeros(usum.shape[0], num_experts, device=x.device, dtype=torch.float32)
+        gate.scatter_add_(1, ids_s.long(), g_s)     # one add per (unit, expert) unless ids repeat
+        used = torch.zeros(usum.shape[0], num_experts, device=x.device, dtype=torch.bool)
+        used.scatter_(1, ids_s.long(), True)
         # A select, not gate * usum alone: a unit's NaN must not reach the bias gradient of an
         # expert it did not use through 0 * NaN.
         db = torch.where(used[:, :, None], gate[:, :, None] * usum[:, None, :], 0.0)
         db = db.sum(0).to(bias.dtype)                                                   # [E, D]
-        dg = dg + (bias.float()[ids_u.long()] * usum[:, None, :]).sum(-1)
-    if shared:
-        dg = dg.sum(0, keepdim=True)
+        dg = dg + (bias.float()[ids_s.long()] * usum[:, None, :]).sum(-1)
     return dx, dw.to(weight.dtype), db, dg
 
 
