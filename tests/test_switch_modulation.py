@@ -526,3 +526,19 @@ def test_dx_epilogue_writes_the_sums_of_u(routing):
     torch.testing.assert_close(part.view(units, tiles, dim).sum(1),
                                want_u.view(units, rows, dim).double().sum(1).float(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_params_only_bias_sums_without_dx(routing):
+    # No dx wanted: the pre-pass kernel forms u and its per-unit sums in one pass (the dx epilogue
+    # does not run); the shared path sums its S virtual units. N = 37, D = 40, E = 5, k = 2.
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 5, 2, routing=routing)
+    grad_r = torch.randn_like(x)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    got = switch_modulation_bwd(grad_r, x, weight, b, weights, ids, y.clone(), need_dx=False)
+    truth = switch_modulation_bwd_torch(as64(grad_r), as64(x), as64(weight), as64(b),
+                                        as64(weights), ids)
+    same = switch_modulation_bwd_torch(grad_r, x, weight, b, weights, ids)
+    assert got[0] is None
+    for name, g_, s_, t_ in list(zip(["dx", "dW", "db", "dg"], got, same, truth))[1:]:
+        assert_close_rule(g_, s_, t_, torch.float32, name)
