@@ -282,7 +282,7 @@ def _switch_modulation_specs():
     dw = KernelSpec(
         "switch_modulation_bwd", "_switch_modulation_dw_kernel",
         roles=dict(x_ptr="in", u_ptr="in", w_ptr="in", g_ptr="f32", ids_ptr="i32",
-                   order_ptr="i32", partial_ptr="f32", dgp_ptr="f32"),
+                   order_ptr="i32", partial_ptr="f32", seen_ptr="i32", dgp_ptr="f32"),
         aligned=("M", "N_u", "D"),
         problems=(dict(M=65536, N_u=256, D=1152),),
         variants=lambda: [
@@ -292,7 +292,12 @@ def _switch_modulation_specs():
             dw_variant("k4", 4, 4, main=True),
             dw_variant("k6-second-chunk", 6, 2),
         ])
-    return [fwd, merge, dx, prepass, dw]
+    reduce = KernelSpec(
+        "switch_modulation_bwd", "_reduce_partials_kernel",
+        roles=dict(partial_ptr="f32", used_ptr="i32", out_ptr="in"),
+        aligned=("DD",),
+        variants=[Variant("block1024", dict(BLOCK=1024))])
+    return [fwd, merge, dx, prepass, dw, reduce]
 
 
 def all_specs():

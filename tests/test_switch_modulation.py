@@ -474,6 +474,9 @@ def test_u_prepass_partial_requires_grad(monkeypatch, which):
 def test_dw_splits_match_reference_and_repeat_bitwise(monkeypatch, splits, num_experts, k):
     # B = 7 samples of N = 37 rows (a partial last row chunk per unit), D = 40 (partial tiles);
     # E = 5 prime with k = 1, 2 and k = E = 3. Two runs give the same bits.
+    # The split buffer is NaN-filled first: a slice the reduction reads but no flush wrote shows.
+    from switch_dit_kernels.kernels import buffers
+    monkeypatch.setattr(buffers, "POISON", True)
     monkeypatch.setenv("SWITCH_DIT_SMOD_DW_SPLITS", splits)
     x, weight, b, weights, ids = make_inputs(7, 37, 40, num_experts, k)
     grad_r = torch.randn_like(x)
@@ -542,3 +545,17 @@ def test_params_only_bias_sums_without_dx(routing):
     assert got[0] is None
     for name, g_, s_, t_ in list(zip(["dx", "dW", "db", "dg"], got, same, truth))[1:]:
         assert_close_rule(g_, s_, t_, torch.float32, name)
+
+
+def test_reduce_partials_reads_only_written_slices():
+    # Slices a split never flushed hold NaN (unwritten memory): never read. Fixed order, cast once.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import reduce_partials
+    partial = torch.randn(3, 4, 37, 37)
+    used = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.int32)
+    partial[used == 0] = float("nan")
+    want = torch.where(used[:, :, None, None].bool(), partial.double(), 0.0).sum(0)
+    for dtype in (torch.float32, torch.float16):
+        got = reduce_partials(partial, used, dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-3, atol=1e-5)
+    assert torch.equal(reduce_partials(partial, used, torch.float32)[3], torch.zeros(37, 37))

@@ -28,8 +28,12 @@ Work, B*N*D*D MACs = one dense Linear(D, D):
   is consumed; a loop per sample drained and refilled the pipeline every N/BLOCK_R steps.
   Computing dW per (expert, tile) over the samples routed to the expert instead (the grouped-GEMM
   way, via build_routing_metadata's expert offsets) would compute every P_b tile k times: k GEMMs.
-- The reduction over splits (torch.sum over dim 0 of [S, E, D, D]) and over tiles for dg are fixed-
-  order sums: the backward is bit-identical run to run. No float atomics anywhere.
+- The split buffer [S, E, D, D] fp32 is not zero-filled: a split's first flush of an expert stores
+  its tiles, later ones add, and `reduce_partials` sums the slices each split wrote (in split
+  order) and casts to the weight's dtype in one pass. At XL (S=4, E=3, D=1152: 64 MB) that saves
+  writing zeros, reading them back at each first flush and a [E, D, D] fp32 round trip.
+- The reduction over splits and over tiles for dg are fixed-order sums: the backward is
+  bit-identical run to run. No float atomics anywhere.
 Total: about 2 dense GEMMs of MACs for the backward, independent of k and E.
 
 Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel overwrites it in place
@@ -52,6 +56,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from .buffers import new_buffer
 from .tuning import autotune_cache_enabled, autotuning_enabled
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
@@ -251,18 +256,22 @@ def _prune_dw_configs(configs, named_args, **kwargs):
 @triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
                                                  "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_dw_configs},
-                 reset_to_zero=["partial_ptr"],
-                 cache_results=autotune_cache_enabled())  # accumulated read-modify-write
+                 reset_to_zero=["seen_ptr"],  # the first flush of an expert stores, later ones add
+                 cache_results=autotune_cache_enabled())
 @triton.jit
 def _switch_modulation_dw_kernel(
-        x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, dgp_ptr,
+        x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, seen_ptr, dgp_ptr,
         M, N_u, D, E, num_units, units_per_split, slot0,
         K_EXP: tl.constexpr, SLOTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (split, D x D tile): P_b tiles of its units, mixed into dW / dg / s.
 
     Handles slots slot0 .. slot0 + SLOTS - 1 (SLOTS <= 4) of each unit's k.
-    partial: [S, E, D, D] fp32, zero on entry (a launch per 4 slots, each its own S slices).
+    partial: [S, E, D, D] fp32, uninitialised (a launch per 4 slots, each its own S slices): the
+    first flush of an expert in a split stores its tile, later ones add to it; slices a split
+    never flushes stay unwritten. seen: [S * tiles, E] int32, zero on entry: this program's
+    "flushed expert e" flags. All programs of a split run the same units, so they flush the same
+    experts: program (split, tile 0)'s flags say which slices of `partial` the split wrote.
     dgp: [R, k, tiles] fp32.
     order: [R] int32, units sorted by expert tuple; split s owns
     order[s * units_per_split : (s + 1) * units_per_split].
@@ -281,6 +290,7 @@ def _switch_modulation_dw_kernel(
     mask_i = offs_i < D
     mask_j = offs_j < D
     split_base = partial_ptr + split.to(tl.int64) * E * D * D
+    seen_row = seen_ptr + pid.to(tl.int64) * E
 
     p_start = split * units_per_split
     p_end = tl.minimum(p_start + units_per_split, num_units)
@@ -344,13 +354,13 @@ def _switch_modulation_dw_kernel(
             if SLOTS > 3:
                 close = close | (tl.load(ids_ptr + nxt + 3) != e3)
             if close:
-                _flush_slot(acc0, e0, split_base, offs_i, offs_j, D)
+                _flush_slot(acc0, e0, split_base, seen_row, offs_i, offs_j, D)
                 if SLOTS > 1:
-                    _flush_slot(acc1, e1, split_base, offs_i, offs_j, D)
+                    _flush_slot(acc1, e1, split_base, seen_row, offs_i, offs_j, D)
                 if SLOTS > 2:
-                    _flush_slot(acc2, e2, split_base, offs_i, offs_j, D)
+                    _flush_slot(acc2, e2, split_base, seen_row, offs_i, offs_j, D)
                 if SLOTS > 3:
-                    _flush_slot(acc3, e3, split_base, offs_i, offs_j, D)
+                    _flush_slot(acc3, e3, split_base, seen_row, offs_i, offs_j, D)
             acc0 = tl.where(close, 0.0, acc0)
             if SLOTS > 1:
                 acc1 = tl.where(close, 0.0, acc1)
@@ -378,14 +388,19 @@ def _cta_barrier():
 
 
 @triton.jit
-def _flush_slot(acc, e, split_base, offs_i, offs_j, D):
-    """partial[split, e, tile] += acc. This program is the only writer of its (split, tile) region
-    (no atomics); the barrier orders its read-modify-writes of one tile across its threads."""
+def _flush_slot(acc, e, split_base, seen_row, offs_i, offs_j, D):
+    """partial[split, e, tile] = acc on the program's first flush of expert e, += acc after it
+    (the old tile is not read the first time: no zero-filled buffer to write and read back).
+    This program is the only writer of its (split, tile) region and of its flags (no atomics);
+    the barrier orders its read-modify-writes of one tile, and its flag, across its threads."""
     tile_offs = offs_i[:, None] * D + offs_j[None, :]
     tile_mask = (offs_i < D)[:, None] & (offs_j < D)[None, :]
     ptrs = split_base + e.to(tl.int64) * D * D + tile_offs
-    old = tl.load(ptrs, mask=tile_mask, other=0.0)
+    seen = tl.load(seen_row + e)
+    seen_rows = (offs_i * 0 + seen) != 0  # a vector: the interpreter rejects tensor & scalar masks
+    old = tl.load(ptrs, mask=tile_mask & seen_rows[:, None], other=0.0)
     tl.store(ptrs, old + acc, mask=tile_mask)
+    tl.store(seen_row + e, 1)
     _cta_barrier()
 
 
@@ -397,6 +412,37 @@ def _slot_dg(dgp_ptr, slot_index, n_tiles, tile, w_ptr, e, offs_i, offs_j, D, pt
     w = tl.load(w_ptr + e.to(tl.int64) * D * D + tile_offs, mask=tile_mask, other=0.0)
     tl.store(dgp_ptr + slot_index.to(tl.int64) * n_tiles + tile,
              tl.sum(tl.sum(w.to(tl.float32) * ptile, axis=1), axis=0))
+
+
+@triton.jit
+def _reduce_partials_kernel(partial_ptr, used_ptr, out_ptr, n_slices, E, DD,
+                            BLOCK: tl.constexpr):
+    """out[e] = sum over slices s = 0, 1, ... (in order) of partial[s, e] where used[s, e], cast to
+    out's dtype; slices a split never wrote are not read. partial [n_slices, E, DD] fp32,
+    used [n_slices, E] int32, out [E, DD]. Grid (cdiv(DD, BLOCK), E)."""
+    e = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < DD
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n_slices):
+        used = tl.load(used_ptr + s * E + e)
+        used_v = (offs * 0 + used) != 0  # a vector mask (interpreter)
+        acc += tl.load(partial_ptr + (s * E + e).to(tl.int64) * DD + offs, mask=mask & used_v,
+                       other=0.0)
+    tl.store(out_ptr + e.to(tl.int64) * DD + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_partials(partial: torch.Tensor, used: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[E, D, D] in ``dtype``: the fixed-order sum of the used slices of partial [n, E, D, D]
+    (used [n, E] int32): one pass instead of torch's sum then cast (and no zero-filled buffer)."""
+    n, num_experts, dim = partial.shape[0], partial.shape[1], partial.shape[2]
+    out = torch.empty(num_experts, dim, dim, device=partial.device, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    block = 1024
+    _reduce_partials_kernel[(triton.cdiv(dim * dim, block), num_experts)](
+        partial, used, out, n, num_experts, dim * dim, BLOCK=block, num_warps=4)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -470,7 +516,8 @@ def unit_order(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
               dgp: Optional[torch.Tensor] = None):
-    """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], dgp [R, k, T]).
+    """Launch _switch_modulation_dw_kernel: returns (partial [C*S, E, D, D], used [C*S, E] int32,
+    dgp [R, k, T]); `reduce_partials` sums the used slices of partial (the others are unwritten).
 
     x, u: [M, D].  weight [E, D, D].  g [R, k] float32, ids [R, k] int32, order [R] int32.
     R * rows_per_unit >= M (the last unit may be partial). k > 4: one launch per 4 slots, in order
@@ -483,18 +530,21 @@ def launch_dw(x, u, weight, g, ids, order, rows_per_unit: int, splits: int, *,
     units_per_split = triton.cdiv(num_units, splits)
     splits = triton.cdiv(num_units, units_per_split)
     chunks = triton.cdiv(k, MAX_SLOTS)
-    # One [S, E, D, D] slice per launch: the autotuner zeroes its `partial` argument when it
-    # benchmarks a new key, which must not wipe an earlier launch's sums.
-    partial = torch.zeros(chunks * splits, num_experts, dim, dim, device=x.device, dtype=torch.float32)
+    # Its own S slices of `partial` and flags for each launch: the autotuner zeroes the `seen`
+    # flags it is given before each timing run (and before the real run).
+    partial = new_buffer((chunks * splits, num_experts, dim, dim), torch.float32, x.device)
+    seen = torch.zeros(chunks, splits, n_tiles, num_experts, device=x.device, dtype=torch.int32)
     if dgp is None:
         dgp = torch.empty(num_units, k, n_tiles, device=x.device, dtype=torch.float32)
     for chunk, slot0 in enumerate(range(0, k, MAX_SLOTS)):
         _switch_modulation_dw_kernel[(splits * n_tiles,)](
-            x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], dgp,
+            x, u, weight, g, ids, order, partial[chunk * splits:(chunk + 1) * splits], seen[chunk],
+            dgp,
             x.shape[0], rows_per_unit, dim, num_experts, num_units, units_per_split, slot0,
             K_EXP=k, SLOTS=min(MAX_SLOTS, k - slot0),
             DOT_PRECISION=dot_precision(x.dtype), BLOCK_I=bi, BLOCK_J=bj)
-    return partial, dgp
+    # Every program of a split flushes the same experts: tile 0's flags stand for the split.
+    return partial, seen[:, :, 0].reshape(chunks * splits, num_experts).contiguous(), dgp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,9 +643,9 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     if not need_params:
         return dx, None, None, None
 
-    partial, dgp = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits)
+    partial, used, dgp = launch_dw(x2, y2, weight, g_u, ids_u, order, unit_rows, splits)
 
-    dw = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    dw = reduce_partials(partial, used, weight.dtype)
     dg = dgp.sum(-1)                                                     # [R_u, k]
     g_s, ids_s = g_u, ids_u
     if shared:
@@ -615,7 +665,7 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         db = torch.where(used[:, :, None], gate[:, :, None] * usum[:, None, :], 0.0)
         db = db.sum(0).to(bias.dtype)                                                   # [E, D]
         dg = dg + (bias.float()[ids_s.long()] * usum[:, None, :]).sum(-1)
-    return dx, dw.to(weight.dtype), db, dg
+    return dx, dw, db, dg
 
 
 def switch_modulation_bwd_torch(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
