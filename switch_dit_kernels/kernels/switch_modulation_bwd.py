@@ -244,9 +244,11 @@ def _dw_configs():
 
 
 def _prune_dw_configs(configs, named_args, **kwargs):
-    """k = 2 at the 128x64 tile (P tile + 2 slot accumulators) sits at 250-255
-    registers: Triton 3.6 sm_90 bf16 spilled 40 B with BLOCK_R 64 (s3 and s4), none with 32 (s3,
-    s4; compile_check --configs all). Keep 32 s4 there; every other (k, tile) compiled clean."""
+    """k >= 2 at the 128x64 tile (P tile + 2 slot accumulators): keep BLOCK_R 32 s4 only. It was
+    the one config without spills there (255 registers); since the flat loop, the u sums moved to
+    the dx epilogue and the lazy split buffer, all four compile clean (238-248 registers, Triton
+    3.6 sm_90 bf16, compile_check --configs all), so this now only spares the first call three
+    compilations; whether the others are faster needs a GPU."""
     if kwargs.get("SLOTS", 1) >= 2 and kwargs.get("BLOCK_I", 0) * kwargs.get("BLOCK_J", 0) >= 128 * 64:
         kept = [c for c in configs if c.kwargs["BLOCK_R"] == 32 and c.num_stages == 4]
         return kept or configs[:1]
