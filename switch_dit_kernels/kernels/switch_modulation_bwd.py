@@ -299,8 +299,8 @@ def _switch_modulation_dw_kernel(
     # One flat loop of (unit, row chunk) steps instead of a loop per unit: the software pipeline
     # loads the next unit's first chunks while the current unit's last MMAs run (a nested loop
     # drained and refilled it for every unit: 8 steps of BLOCK_R=32 at N=256, 3 of them the
-    # 4-stage prologue). The P tile is consumed only on a unit's last step (the `if` below), so every other
-    # step keeps its wgmma in flight.
+    # 4-stage prologue). The P tile is consumed only on a unit's last step (the `if` below), so
+    # every other step keeps its wgmma in flight.
     steps_per_unit = tl.cdiv(N_u, BLOCK_R)
     n_steps = (p_end - p_start) * steps_per_unit
     # acc_j: sum of g_bj P_b over the current run of units with equal tuples (units are sorted).
