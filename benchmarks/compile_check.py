@@ -252,23 +252,26 @@ def _switch_modulation_specs():
     dx = KernelSpec(
         "switch_modulation_bwd", "_switch_modulation_dx_kernel",
         roles=dict(dr_ptr="in", x_ptr="in", w_ptr="in", g_ptr="f32", ids_ptr="i32", y_ptr="in",
-                   dx_ptr="in"),
+                   dx_ptr="in", usum_ptr="f32"),
         aligned=("N_u", "D"),
         problems=(dict(N_u=256, D=1152), dict(N_u=1024, D=1152), dict(N_u=65536, D=4096)),
         variants=[
-            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True, U_GIVEN=False),
-                    main=True),
-            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=False),
-                    main=True),
-            Variant("k4-store-u", dict(K_EXP=4, PREMERGED=False, STORE_U=True, U_GIVEN=False),
-                    main=True),
+            # STORE_USUM: the epilogue also writes the column sums of u (with a bias)
+            Variant("k2-store-u", dict(K_EXP=2, PREMERGED=False, STORE_U=True, STORE_USUM=True,
+                                       U_GIVEN=False), main=True),
+            Variant("k1-no-u", dict(K_EXP=1, PREMERGED=False, STORE_U=False, STORE_USUM=False,
+                                    U_GIVEN=False), main=True),
+            Variant("k4-store-u-nobias", dict(K_EXP=4, PREMERGED=False, STORE_U=True,
+                                              STORE_USUM=False, U_GIVEN=False), main=True),
             Variant("premerged-store-u", dict(K_EXP=1, PREMERGED=True, STORE_U=True,
-                                              U_GIVEN=False), main=True),
+                                              STORE_USUM=True, U_GIVEN=False), main=True),
             # SWITCH_DIT_SMOD_DX_PREPASS=1: u comes from _u_prepass_kernel
-            Variant("k1-u-given", dict(K_EXP=1, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
-            Variant("k2-u-given", dict(K_EXP=2, PREMERGED=False, STORE_U=False, U_GIVEN=True)),
+            Variant("k1-u-given", dict(K_EXP=1, PREMERGED=False, STORE_U=False, STORE_USUM=False,
+                                       U_GIVEN=True)),
+            Variant("k2-u-given", dict(K_EXP=2, PREMERGED=False, STORE_U=False, STORE_USUM=False,
+                                       U_GIVEN=True)),
             Variant("premerged-u-given", dict(K_EXP=1, PREMERGED=True, STORE_U=False,
-                                              U_GIVEN=True)),
+                                              STORE_USUM=False, U_GIVEN=True)),
         ])
     prepass = KernelSpec(
         "switch_modulation_bwd", "_u_prepass_kernel",
@@ -279,27 +282,30 @@ def _switch_modulation_specs():
             Variant("usum-only", dict(WRITE_DX=False, WRITE_USUM=True, BLOCK_R=32, BLOCK_D=128)),
         ])
 
-    def dw_variant(name, k, slots, write_usum, main=False):
+    def dw_variant(name, k, slots, main=False):
         mod = importlib.import_module(f"{PACKAGE}.switch_modulation_bwd")
         bi, bj = mod.dw_tile(k)
-        return Variant(name, dict(K_EXP=k, SLOTS=slots, WRITE_USUM=write_usum, BLOCK_I=bi,
-                                  BLOCK_J=bj), main=main)
+        return Variant(name, dict(K_EXP=k, SLOTS=slots, BLOCK_I=bi, BLOCK_J=bj), main=main)
 
     dw = KernelSpec(
         "switch_modulation_bwd", "_switch_modulation_dw_kernel",
         roles=dict(x_ptr="in", u_ptr="in", w_ptr="in", g_ptr="f32", ids_ptr="i32",
-                   order_ptr="i32", partial_ptr="f32", dgp_ptr="f32", usum_ptr="f32"),
+                   order_ptr="i32", partial_ptr="f32", seen_ptr="i32", dgp_ptr="f32"),
         aligned=("M", "N_u", "D"),
         problems=(dict(M=65536, N_u=256, D=1152),),
         variants=lambda: [
-            dw_variant("k2", 2, 2, True, main=True),
-            dw_variant("k2-usum-given", 2, 2, False),   # SWITCH_DIT_SMOD_DX_PREPASS=1
-            dw_variant("k1", 1, 1, True),
-            dw_variant("k3", 3, 3, True),
-            dw_variant("k4", 4, 4, True, main=True),
-            dw_variant("k6-second-chunk", 6, 2, False),
+            dw_variant("k2", 2, 2, main=True),
+            dw_variant("k1", 1, 1),
+            dw_variant("k3", 3, 3),
+            dw_variant("k4", 4, 4, main=True),
+            dw_variant("k6-second-chunk", 6, 2),
         ])
-    return [fwd, merge, dx, prepass, dw] + _gluon_specs()
+    reduce = KernelSpec(
+        "switch_modulation_bwd", "_reduce_partials_kernel",
+        roles=dict(partial_ptr="f32", used_ptr="i32", out_ptr="in"),
+        aligned=("DD",),
+        variants=[Variant("block1024", dict(BLOCK=1024))])
+    return [fwd, merge, dx, prepass, dw, reduce] + _gluon_specs()
 
 
 def _gluon_specs():
@@ -311,17 +317,18 @@ def _gluon_specs():
               f"this is {triton.__version__})")
         return []
 
-    def variant(name, k, premerged, is_dx, store_aux, u_given, has_bias):
+    def variant(name, k, premerged, is_dx, store_aux, u_given, has_bias, usum=False):
         bm, bn, bk, warps, stages = mod.gluon_tile(1 if premerged else k, is_dx and not u_given)
         return Variant(name, dict(K_EXP=k, HAS_BIAS=has_bias, PREMERGED=premerged, IS_DX=is_dx,
-                                  STORE_AUX=store_aux, U_GIVEN=u_given, BLOCK_M=bm, BLOCK_N=bn,
-                                  BLOCK_K=bk, STAGES=stages, num_warps=warps),
+                                  STORE_AUX=store_aux, STORE_USUM=usum, U_GIVEN=u_given,
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
+                                  num_warps=warps),
                        roles=dict(b_ptr="f32") if premerged else {}, warps=warps, stages=1)
 
     return [KernelSpec(
         "switch_modulation_gluon", "_smod_gluon_kernel",
         roles=dict(x_ptr="in", dr_ptr="in", w_ptr="in", b_ptr="in", g_ptr="f32", ids_ptr="i32",
-                   out_ptr="in", y_ptr="in"),
+                   out_ptr="in", y_ptr="in", usum_ptr="f32"),
         aligned=("N_u", "D"),
         dtypes=("fp16", "bf16"),
         variants=[
@@ -329,10 +336,10 @@ def _gluon_specs():
             variant("fwd-k1", 1, False, False, False, False, True),
             variant("fwd-k4-nobias", 4, False, False, True, False, False),
             variant("fwd-premerged", 1, True, False, True, False, True),
-            variant("dx-k2-store-u", 2, False, True, True, False, False),
+            variant("dx-k2-store-u-usum", 2, False, True, True, False, False, usum=True),
             variant("dx-k1-no-u", 1, False, True, False, False, False),
             variant("dx-k4-store-u", 4, False, True, True, False, False),
-            variant("dx-premerged-store-u", 1, True, True, True, False, False),
+            variant("dx-premerged-store-u-usum", 1, True, True, True, False, False, usum=True),
             variant("dx-k2-u-given", 2, False, True, False, True, False),
             variant("dx-premerged-u-given", 1, True, True, False, True, False),
         ])]

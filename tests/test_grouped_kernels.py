@@ -302,3 +302,16 @@ def test_autotune_cache_switch(monkeypatch):
     monkeypatch.setattr(tuning, "triton_interpreting", lambda: True)
     monkeypatch.delenv("SWITCH_DIT_AUTOTUNE_CACHE", raising=False)
     assert not tuning.autotune_cache_enabled()
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_weight_grad_with_no_routed_rows(split):
+    # T = 0: no sorted rows (sorted_pairs is empty). The kernel's loop always runs one (masked)
+    # step, which would read sorted_pairs[0]; the launcher writes the zeros itself instead.
+    ids = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)
+    meta = build_routing_metadata(ids, 3, tokens_per_route=1)
+    out, bias_out = poisoned(3, 24, 16), poisoned(3, 16)
+    dw, db = weight_grad(randn(0, 24), randn(0, 16), meta, gather_a=True, gather_b=True,
+                         scale=rand(0), with_bias=True, split=split, out=out, bias_out=bias_out)
+    assert torch.equal(dw, torch.zeros(3, 24, 16, device=DEVICE))
+    assert torch.equal(db, torch.zeros(3, 16, device=DEVICE))

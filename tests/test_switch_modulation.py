@@ -246,7 +246,7 @@ def test_poisoned_outputs_are_fully_written(routing):
         torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4, msg=name)
     assert got[0] is dx
 
-    # the dW kernel's per-sample outputs: dg partials [R, k, tiles] and s [R, D]
+    # the dW kernel's per-sample outputs: dg partials [R, k, tiles]
     if routing == "random":
         batch, tokens, dim = x.shape
         u = (grad_r * x).reshape(-1, dim)
@@ -254,11 +254,9 @@ def test_poisoned_outputs_are_fully_written(routing):
         bi, bj = dw_tile(k)
         tiles = -(-dim // bi) * -(-dim // bj)
         dgp = torch.full((batch, k, tiles), nan)
-        usum = torch.full((batch, dim), nan)
         g32, ids32 = weights.float().contiguous(), ids.int().contiguous()
         launch_dw(x.reshape(-1, dim), u, weight, g32, ids32, unit_order(ids32, 3), tokens, 2,
-                  dgp=dgp, usum=usum)
-        torch.testing.assert_close(usum, u.reshape(batch, tokens, dim).sum(1), rtol=1e-5, atol=1e-5)
+                  dgp=dgp)
         assert torch.isfinite(dgp).all()
 
 
@@ -465,3 +463,99 @@ def test_u_prepass_writes_every_output_and_is_deterministic(monkeypatch, routing
 def test_u_prepass_partial_requires_grad(monkeypatch, which):
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
     test_partial_requires_grad(which)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dW kernel's flat (unit, row chunk) loop: one split holding many units (several tuple runs and
+# unit boundaries inside one pipelined loop), every unit its own split, and uneven splits.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("splits", ["1", "3", "7"])
+@pytest.mark.parametrize("num_experts,k", [(5, 1), (5, 2), (3, 3)])
+def test_dw_splits_match_reference_and_repeat_bitwise(monkeypatch, splits, num_experts, k):
+    # B = 7 samples of N = 37 rows (a partial last row chunk per unit), D = 40 (partial tiles);
+    # E = 5 prime with k = 1, 2 and k = E = 3. Two runs give the same bits.
+    # The split buffer is NaN-filled first: a slice the reduction reads but no flush wrote shows.
+    from switch_dit_kernels.kernels import buffers
+    monkeypatch.setattr(buffers, "POISON", True)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DW_SPLITS", splits)
+    x, weight, b, weights, ids = make_inputs(7, 37, 40, num_experts, k)
+    grad_r = torch.randn_like(x)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    truth = switch_modulation_bwd_torch(as64(grad_r), as64(x), as64(weight), as64(b),
+                                        as64(weights), ids)
+    same = switch_modulation_bwd_torch(grad_r, x, weight, b, weights, ids)
+    runs = [switch_modulation_bwd(grad_r, x, weight, b, weights, ids, y.clone()) for _ in range(2)]
+    for name, g_, s_, t_ in zip(["dx", "dW", "db", "dg"], runs[0], same, truth):
+        assert_close_rule(g_, s_, t_, torch.float32, name)
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_dw_split_count_fills_the_gpu():
+    # The H200's 132 SMs, k = 2 (128x64 tiles), E = 3, B*N = 65536 rows: XL (D=1152, 162 tiles)
+    # runs 4 splits = 648 programs; S (D=384, 18 tiles) 7 splits = 126 programs, one per SM
+    # (never 1 split = 18 programs). Few rows make the split buffer's reduction dominate: fewer.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import choose_splits
+    assert choose_splits(162, 132, 16, 65536, 3) == 4
+    assert choose_splits(18, 132, 16, 65536, 3) == 7
+    assert choose_splits(18, 132, 16, 2048, 3) < 7
+    assert choose_splits(18, 132, 1, 65536, 3) == 1  # the memory budget's limit holds
+    for tiles in (1, 18, 100, 162, 1000):
+        assert 1 <= choose_splits(tiles, 132, 16, 65536, 8) <= 16
+
+
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_dx_epilogue_writes_the_sums_of_u(routing):
+    # The dx kernel's epilogue forms u = dR * x and its column sums per M tile (the dW kernel no
+    # longer sums u): per unit (sample; the whole batch when shared) they add up to u's row sums.
+    # N = 37: a partial last M tile; D = 40: a partial N tile. Rows past a config's tiles stay 0.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import dx_usum_tiles, launch_dx
+    from switch_dit_kernels.kernels.switch_modulation import prepare_routing
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 5, 2, routing=routing)
+    batch, tokens, dim = x.shape
+    grad_r = torch.randn_like(x)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    g, ids32 = prepare_routing(weights, ids)
+    units, rows = (1, batch * tokens) if routing == "shared" else (batch, tokens)
+    wm = merge_experts(weight, b, g.reshape(-1), ids32.reshape(-1))[0] if units == 1 else weight
+    tiles = dx_usum_tiles(rows)
+    part = torch.zeros(units * tiles, dim)
+    u = y.clone().reshape(-1, dim)
+    dx = torch.full((batch * tokens, dim), float("nan"))
+    launch_dx(grad_r.reshape(-1, dim), x.reshape(-1, dim), wm, g, ids32, u, dx, rows,
+              premerged=units == 1, store_u=True, usum_part=part)
+    want_u = grad_r.reshape(-1, dim) * x.reshape(-1, dim)
+    torch.testing.assert_close(u, want_u)
+    torch.testing.assert_close(part.view(units, tiles, dim).sum(1),
+                               want_u.view(units, rows, dim).double().sum(1).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["random", "shared"])
+def test_params_only_bias_sums_without_dx(routing):
+    # No dx wanted: the pre-pass kernel forms u and its per-unit sums in one pass (the dx epilogue
+    # does not run); the shared path sums its S virtual units. N = 37, D = 40, E = 5, k = 2.
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 5, 2, routing=routing)
+    grad_r = torch.randn_like(x)
+    _, y = switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    got = switch_modulation_bwd(grad_r, x, weight, b, weights, ids, y.clone(), need_dx=False)
+    truth = switch_modulation_bwd_torch(as64(grad_r), as64(x), as64(weight), as64(b),
+                                        as64(weights), ids)
+    same = switch_modulation_bwd_torch(grad_r, x, weight, b, weights, ids)
+    assert got[0] is None
+    for name, g_, s_, t_ in list(zip(["dx", "dW", "db", "dg"], got, same, truth))[1:]:
+        assert_close_rule(g_, s_, t_, torch.float32, name)
+
+
+def test_reduce_partials_reads_only_written_slices():
+    # Slices a split never flushed hold NaN (unwritten memory): never read. Fixed order, cast once.
+    from switch_dit_kernels.kernels.switch_modulation_bwd import reduce_partials
+    partial = torch.randn(3, 4, 37, 37)
+    used = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.int32)
+    partial[used == 0] = float("nan")
+    want = torch.where(used[:, :, None, None].bool(), partial.double(), 0.0).sum(0)
+    for dtype in (torch.float32, torch.float16):
+        got = reduce_partials(partial, used, dtype)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-3, atol=1e-5)
+    assert torch.equal(reduce_partials(partial, used, torch.float32)[3], torch.zeros(37, 37))

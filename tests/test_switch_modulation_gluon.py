@@ -128,7 +128,15 @@ def test_launchers_route_to_gluon_with_the_same_arguments(monkeypatch, shared):
     smod_bwd.switch_modulation_bwd(torch.randn_like(x), x, weight, b, weights, ids, y,
                                    need_params=False)
     assert [s[0] for s in seen] == ["fwd", "dx"]
-    assert seen[1][2] == {"premerged": shared, "store_u": False, "u_given": False}
+    assert seen[1][2]["premerged"] == shared and not seen[1][2]["store_u"]
+    assert not seen[1][2]["u_given"] and seen[1][2]["usum_part"] is None
+    # a training backward with a bias: u over y and the column sums of u from the dx epilogue
+    seen.clear()
+    r, y, _ = smod.switch_modulation_fwd(x, weight, b, weights, ids, store_y=True)
+    smod_bwd.switch_modulation_bwd(torch.randn_like(x), x, weight, b, weights, ids, y)
+    kw = seen[1][2]
+    assert kw["store_u"] and kw["usum_part"] is not None and kw["usum_part"].dtype == torch.float32
+    assert kw["usum_tiles"] * 128 >= seen[1][1][7]       # rows_per_unit: the Gluon M tiles fit
 
 
 def test_compiles_with_mma_in_flight_for_sm90():

@@ -264,5 +264,6 @@ def test_hopper_dx_with_fused_u_keeps_only_tiles_with_an_mma_in_flight(gpu, prem
     assert len(points(prune("smod", dx=False, **kwargs))) > len(kept)
     assert len(points(prune("smod", dx=True, U_GIVEN=True, **kwargs))) > len(kept)
     assert len(points(prune("smod", dx=True, K_EXP=2))) > len(kept)
+    assert len(points(prune("smod", dx=True, STORE_USUM=True, **kwargs))) > len(kept)
     gpu(80)
     assert len(points(prune("smod", dx=True, **kwargs))) > len(kept)

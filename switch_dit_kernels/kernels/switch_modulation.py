@@ -134,11 +134,14 @@ def prune_fwd_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     if (row_tiles == 2 and loads == 1 and not kwargs.get("U_GIVEN")
+            and not kwargs.get("STORE_USUM")
             and tuning.generation(capability) == "hopper" and tuning.autotune_mode() != "full"):
         # dx with the fused u = dR * x and one expert chunk a step (k = 1, shared routing): only
         # these tiles keep a wgmma in flight there; every other one gets ptxas C7515 (Triton 3.6,
         # sm_90, bf16: 128x128x32/64 w8, 128x64x32 w4, 64x128x64 w4 and 64x64 all do, 64x128x32
-        # w4 s3/s4 reads wait_group 1, 167-197 registers, no spill).
+        # w4 s3/s4 reads wait_group 1, 167-197 registers, no spill). With the u column sums in
+        # the epilogue (STORE_USUM: training with a bias) every tile gets C7515, this one too, so
+        # the autotuner chooses among all of them there.
         clean = [c for c in kept if tuning.config_point(c) in _DX_FUSED_U_CLEAN]
         kept = clean or kept
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits

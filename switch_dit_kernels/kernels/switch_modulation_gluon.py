@@ -229,15 +229,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _smod_gluon_kernel(
-            x_ptr, dr_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, y_ptr,
-            N_u, D,
+            x_ptr, dr_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, out_ptr, y_ptr, usum_ptr,
+            N_u, D, usum_tiles,
             K_EXP: gl.constexpr, HAS_BIAS: gl.constexpr, PREMERGED: gl.constexpr,
-            IS_DX: gl.constexpr, STORE_AUX: gl.constexpr, U_GIVEN: gl.constexpr,
+            IS_DX: gl.constexpr, STORE_AUX: gl.constexpr, STORE_USUM: gl.constexpr,
+            U_GIVEN: gl.constexpr,
             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
             STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Forward (IS_DX=False): out = r = x * (1 + x W~ + b~), STORE_AUX: y -> y_ptr.
         dx (IS_DX=True): out = dx = dR * (1 + y) + (dR * x) W~^T, STORE_AUX: u = dR * x -> y_ptr
-        (over y, as the Triton dx kernel); U_GIVEN: y_ptr holds u and out_ptr dR * (1 + y).
+        (over y, as the Triton dx kernel); STORE_USUM (with STORE_AUX): the column sums of this
+        tile's u (fp32 of the rounded u) -> usum[unit * usum_tiles + m tile, cols], usum
+        [units * usum_tiles, D] fp32 zeros (the Triton dx kernel's contract); U_GIVEN: y_ptr
+        holds u and out_ptr dR * (1 + y).
         x, dr, out, y: [units * N_u, D] 16-bit; w: [E, D, D] (or W~ [D, D] when PREMERGED);
         b: [E, D] / b~ [D] fp32 (forward only); g [R, k] fp32; ids [R, k] int32."""
         gl.static_assert(STAGES >= 3, "copies run STAGES - 2 steps ahead: STAGES >= 3")
@@ -344,7 +348,13 @@ if HAVE_GLUON:
                     x = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)
                     # every thread's read of this y tile precedes any thread's overwrite with u
                     gl.thread_barrier()
-                    gl.store(y_ptr + offs, (dr * x).to(y_ptr.dtype.element_ty), mask=mask)
+                    u = (dr * x).to(y_ptr.dtype.element_ty)
+                    gl.store(y_ptr + offs, u, mask=mask)
+                    if STORE_USUM:
+                        # masked rows and columns loaded dR = x = 0: they add 0
+                        usum_row = unit.to(gl.int64) * usum_tiles + m_start // BLOCK_M
+                        gl.store(usum_ptr + usum_row * D + cn, gl.sum(u.to(gl.float32), axis=0),
+                                 mask=mask_n)
         else:
             x = gl.load(x_ptr + offs, mask=mask, other=0.0).to(gl.float32)
             gl.store(out_ptr + offs, (x * (1.0 + acc)).to(out_ptr.dtype.element_ty), mask=mask)
@@ -353,16 +363,22 @@ if HAVE_GLUON:
 
 
 def _launch(x, dr, weight, bias, g, ids, out, y, rows_per_unit: int, *, premerged: bool,
-            is_dx: bool, store_aux: bool, u_given: bool = False) -> None:
+            is_dx: bool, store_aux: bool, u_given: bool = False, usum_part=None,
+            usum_tiles: int = 0) -> None:
     num_units, k = ids.shape
     dim = x.shape[-1]
     bm, bn, bk, warps, stages = gluon_tile(1 if premerged else k, is_dx and not u_given)
+    if usum_part is not None and usum_tiles < triton.cdiv(rows_per_unit, bm):
+        raise ValueError(f"usum_tiles={usum_tiles}: fewer than the {triton.cdiv(rows_per_unit, bm)} "
+                         f"M tiles of {rows_per_unit} rows")
     grid = (num_units * triton.cdiv(rows_per_unit, bm) * triton.cdiv(dim, bn),)
     _smod_gluon_kernel[grid](
         x, dr if dr is not None else x, weight, bias if bias is not None else x, g, ids, out,
-        y if y is not None else out, rows_per_unit, dim,
+        y if y is not None else out, usum_part if usum_part is not None else g, rows_per_unit,
+        dim, usum_tiles,
         K_EXP=1 if premerged else k, HAS_BIAS=bias is not None, PREMERGED=premerged,
-        IS_DX=is_dx, STORE_AUX=store_aux, U_GIVEN=u_given,
+        IS_DX=is_dx, STORE_AUX=store_aux, STORE_USUM=store_aux and usum_part is not None,
+        U_GIVEN=u_given,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
 
 
@@ -393,8 +409,12 @@ def launch_fwd_gluon(x, weight, bias, g, ids, rows_per_unit, r, y, *, premerged:
 
 
 def launch_dx_gluon(dr, x, weight, g, ids, y, dx, rows_per_unit, *, premerged: bool,
-                    store_u: bool, u_given: bool = False) -> None:
+                    store_u: bool, u_given: bool = False, usum_part=None,
+                    usum_tiles: int = 0) -> None:
     """Same contract as `switch_modulation_bwd.launch_dx` (where `gluon_applies` holds): y is
-    read (dR * (1 + y)) and, with store_u, overwritten by u; u_given: y holds u already."""
+    read (dR * (1 + y)) and, with store_u, overwritten by u; u_given: y holds u already;
+    usum_part [units * usum_tiles, D] fp32 zeros (with store_u): the per-M-tile sums of u
+    (usum_tiles >= the Gluon kernel's M tiles per unit, ceil(rows_per_unit / 128))."""
     _launch(x, dr, weight, None, g, ids, dx, y, rows_per_unit, premerged=premerged, is_dx=True,
-            store_aux=store_u and not u_given, u_given=u_given)
+            store_aux=store_u and not u_given, u_given=u_given, usum_part=usum_part,
+            usum_tiles=usum_tiles)

@@ -30,6 +30,39 @@ from .sorted_rows import pair_and_token
 
 
 @triton.jit
+def _weight_grad_step(a_ptr, b_ptr, sorted_pairs_ptr, tokens_per_route, top_k, stride_am,
+                      stride_bm, m0, end, offs_k, offs_n, k_ok, n_ok, acc, db,
+                      GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_DB: tl.constexpr,
+                      PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc += A[rows]^T dO[rows] (and db += the column sums of dO[rows]) for the sorted rows
+    m0 .. m0 + BLOCK_M - 1 below ``end``; rows past it (all of them for an empty range) are
+    masked, their addresses clamped to a valid row (>= 0: sorted_pairs has one when launched)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    rows_c = tl.maximum(tl.minimum(rows, end - 1), 0)
+    if GATHER_A or GATHER_B:
+        pair, token = pair_and_token(sorted_pairs_ptr, rows_c, tokens_per_route, top_k)
+    if GATHER_A:
+        a_rows = token.to(tl.int64)
+    else:
+        a_rows = rows_c.to(tl.int64)
+    if GATHER_B:
+        b_rows = token.to(tl.int64)
+    else:
+        b_rows = rows_c.to(tl.int64)
+    # A^T tile [BLOCK_K, BLOCK_M]: each of A's rows is contiguous along K.
+    a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_k[:, None],
+                  mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+    b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :],
+                mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+    if HAS_DB:
+        db += tl.sum(b.to(ACC), axis=0)
+    # out_dtype=ACC: Triton <= 3.6 defaults out_dtype to float32 and rejects a float64 acc.
+    acc = tl.dot(a_t, b, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc, db
+
+
+@triton.jit
 def _weight_grad_body(a_ptr, b_ptr, dw_ptr, db_ptr, offsets_ptr, sorted_pairs_ptr,
                       tokens_per_route, top_k, K, N_OUT, stride_am, stride_bm, stride_dw_split,
                       stride_db_split,
@@ -67,29 +100,28 @@ def _weight_grad_body(a_ptr, b_ptr, dw_ptr, db_ptr, offsets_ptr, sorted_pairs_pt
     n_ok = offs_n < N_OUT
     acc = tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=ACC)
     db = tl.full((BLOCK_N,), 0.0, dtype=ACC)
-    for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        rows_c = tl.minimum(rows, end - 1)
-        if GATHER_A or GATHER_B:
-            pair, token = pair_and_token(sorted_pairs_ptr, rows_c, tokens_per_route, top_k)
-        if GATHER_A:
-            a_rows = token.to(tl.int64)
-        else:
-            a_rows = rows_c.to(tl.int64)
-        if GATHER_B:
-            b_rows = token.to(tl.int64)
-        else:
-            b_rows = rows_c.to(tl.int64)
-        # A^T tile [BLOCK_K, BLOCK_M]: each of A's rows is contiguous along K.
-        a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_k[:, None],
-                      mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :],
-                    mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if HAS_DB:
-            db += tl.sum(b.to(ACC), axis=0)
-        # out_dtype=ACC: Triton <= 3.6 defaults out_dtype to float32 and rejects a float64 acc.
-        acc = tl.dot(a_t, b, acc, input_precision=PRECISION, out_dtype=ACC)
+    if PRECISION == "ieee":
+        # float32 (IEEE) / float64: FMA or DMMA, no wgmma. The step-counted loop below made
+        # ptxas keep their accumulators in local memory (fp32 9 KB, fp64 3.4 KB of stack, Triton
+        # 3.6 sm_90); this form spills as little as before.
+        for m0 in range(start, end, BLOCK_M):
+            acc, db = _weight_grad_step(
+                a_ptr, b_ptr, sorted_pairs_ptr, tokens_per_route, top_k, stride_am, stride_bm,
+                m0, end, offs_k, offs_n, k_ok, n_ok, acc, db,
+                GATHER_A, GATHER_B, HAS_DB, PRECISION, ACC, BLOCK_M)
+    else:
+        # At least one (masked) step, also for an expert or split with no rows. A loop that may
+        # run zero times compiled with a separate zero-trip path that sets the accumulator
+        # registers with movs and joins the loop's exit, where its last wgmma is still in flight;
+        # without HAS_DB ptxas then serialised the wgmma chain (C7515; Triton 3.6, sm_90, bf16,
+        # 64x128x128 w8 s3). A trip count of max(n, 1) lets LLVM drop that path; an empty range
+        # costs one MMA of zeros.
+        n_steps = tl.maximum((end - start + BLOCK_M - 1) // BLOCK_M, 1)
+        for step in range(0, n_steps):
+            acc, db = _weight_grad_step(
+                a_ptr, b_ptr, sorted_pairs_ptr, tokens_per_route, top_k, stride_am, stride_bm,
+                start + step * BLOCK_M, end, offs_k, offs_n, k_ok, n_ok, acc, db,
+                GATHER_A, GATHER_B, HAS_DB, PRECISION, ACC, BLOCK_M)
 
     dw_ptrs = (dw_ptr + split.to(tl.int64) * stride_dw_split
                + expert.to(tl.int64) * K * N_OUT + offs_k.to(tl.int64)[:, None] * N_OUT
@@ -202,7 +234,13 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *,
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         dw = new_buffer((split, num_experts, k_dim, n_out), acc, a.device)
         db = new_buffer((split, num_experts, n_out), acc, a.device) if with_bias else None
-    if n_out > 0:
+    if meta.num_sorted_rows == 0:
+        # Nothing routed: every dW / db is zero. (The kernel's loop runs at least once, reading
+        # sorted_pairs[0], which does not exist here.)
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+    elif n_out > 0:
         def grid(meta_args):
             return (num_experts * max(1, triton.cdiv(k_dim, meta_args["BLOCK_K"]))
                     * triton.cdiv(n_out, meta_args["BLOCK_N"]), split)
