@@ -6,7 +6,7 @@ Triton's pipeliner stores it into one single-buffered shared tile and waits for 
 (`wgmma.wait_group 0`) before overwriting it; feeding it as the register operand instead is
 serialised by ptxas (C7515). Gluon writes the pipeline by hand:
 
-    ring of STAGES shared slots, filled by cp.async:   x chunk [BM, BK] + k expert chunks [BK, BN]
+    ring of STAGES (3-6) shared slots, by cp.async:   x chunk [BM, BK] + k expert chunks [BK, BN]
     two merged buffers w~[0], w~[1] [BK, BN]
 
     K step i:  wait for slot i's copies; barrier (A)
@@ -24,6 +24,7 @@ PREMERGED feed the expert slot straight to the wgmma (no merge; acc scaled by g 
 dx is the same loop on A = u = dR * x (formed from two ring chunks, stored to a double-buffered
 A tile the same way; or read from the u pre-pass) and B = W~^T: the expert chunks are loaded as
 [BN, BK] row-major pieces of W (W[e][cols, kk]) and handed to the wgmma through a transposed view.
+Its epilogue is the Triton dx kernel's: dx, u over y and the per-M-tile column sums of u.
 
 Known cost to time on a GPU: Triton's barrier pass treats all slots of one shared allocation as one
 buffer, so it adds 3-5 CTA barriers per K step beyond the two above (between the copies of
