@@ -317,8 +317,11 @@ def _gluon_specs():
               f"this is {triton.__version__})")
         return []
 
-    def variant(name, k, premerged, is_dx, store_aux, u_given, has_bias, usum=False):
-        bm, bn, bk, warps, stages = mod.gluon_tile(1 if premerged else k, is_dx and not u_given)
+    def variant(name, k, premerged, is_dx, store_aux, u_given, has_bias, usum=False, tile=None):
+        if tile is None:
+            bm, bn, bk, warps, stages = mod.gluon_tile(1 if premerged else k, is_dx and not u_given)
+        else:  # a SWITCH_DIT_SMOD_GLUON_TILE alternative worth timing on a GPU
+            (bm, bn, bk, stages), warps = tile, 4 if tile[0] == 64 else 8
         return Variant(name, dict(K_EXP=k, HAS_BIAS=has_bias, PREMERGED=premerged, IS_DX=is_dx,
                                   STORE_AUX=store_aux, STORE_USUM=usum, U_GIVEN=u_given,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages,
@@ -342,6 +345,10 @@ def _gluon_specs():
             variant("dx-premerged-store-u-usum", 1, True, True, True, False, False, usum=True),
             variant("dx-k2-u-given", 2, False, True, False, True, False),
             variant("dx-premerged-u-given", 1, True, True, False, True, False),
+            # one N = 256 sample per M tile: half the merges per MMA (forward only: the dx ring of
+            # 256-row chunks does not fit with 6 stages)
+            variant("fwd-k2-train-256x64", 2, False, False, True, False, True,
+                    tile=(256, 64, 32, 6)),
         ])]
 
 

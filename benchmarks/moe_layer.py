@@ -24,6 +24,8 @@ Implementations (``--impls``, comma-separated; "default" or "all"):
   switch_modulation_triton_prepass the same with SWITCH_DIT_SMOD_DX_PREPASS=1 (u formed first)
   switch_modulation_gluon          the same with SWITCH_DIT_SMOD_GLUON=1: the sm_90 Gluon forward
                                    and dx (merge overlapped with the wgmma; error row elsewhere)
+  switch_modulation_gluon_256x64   ... with SWITCH_DIT_SMOD_GLUON_TILE=256,64,32,6 (forward tile of
+                                   one N=256 sample; dx on the Triton kernel)
   expert_linear_triton             our token-level `expert_linear` (tokens_per_route=N), then x*(1+y)
   expert_mlp_triton                our `expert_mlp`
   *_grouped_mm, *_cuda, *_torch    the library's other backends ("cuda" only when csrc was built)
@@ -277,6 +279,10 @@ IMPLS: Dict[str, Impl] = {i.name + "/" + i.suite: i for i in [
     # last of its suite: a kernel never run before must not take the other rows down with it
     Impl("switch_modulation_gluon", "switch", "gluon", _switch_api("triton"),
          env=(("SWITCH_DIT_SMOD_GLUON", "1"),)),
+    # one sample of N = 256 per forward tile (half the merges per MMA); dx has no 256-row tile
+    # that fits, so its forward+backward row runs the Triton dx
+    Impl("switch_modulation_gluon_256x64", "switch", "gluon", _switch_api("triton"),
+         env=(("SWITCH_DIT_SMOD_GLUON", "1"), ("SWITCH_DIT_SMOD_GLUON_TILE", "256,64,32,6"))),
     Impl("loop", "ffn", "", _ffn_loop),
     Impl("expert_mlp_triton", "ffn", "triton", _ffn_api("triton")),
     Impl("torch_grouped_mm", "ffn", "grouped_mm", _ffn_grouped),

@@ -106,7 +106,11 @@ def test_tile_override(monkeypatch):
     assert sg.gluon_tile(2, False)[2:] == (64, 8, 3)
     with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_GLUON_TILE"):
         sg.gluon_tile(2, True)                          # 64,3 does not fit dx with k = 2
-    for bad in ("64", "64,2", "48,4", "a,b"):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", "256,64,32,6")
+    assert sg.gluon_tile(2, False) == (256, 64, 32, 8, 6)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", "64,128,64,4")
+    assert sg.gluon_tile(1, False) == (64, 128, 64, 4, 4)   # one warpgroup for 64 rows
+    for bad in ("64", "64,2", "48,4", "a,b", "96,64,32,4", "256,64,32", "256,64,32,2"):
         monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", bad)
         with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_GLUON_TILE"):
             sg.gluon_tile(1, False)
@@ -189,6 +193,22 @@ def test_gpu_gluon_matches_reference(gluon_on, case, dtype):
                                              routing=routing, device="cuda")
     check_against_reference(x, weight, b, weights, ids, dtype)
     assert gluon_on["fwd"] >= 1 and gluon_on["dx"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["64,3", "256,64,32,6", "64,128,64,4"])
+@pytest.mark.parametrize("case", [(4, 256, 384, 3, 2, True, "random"),
+                                  (3, 37, 48, 5, 3, True, "random")])
+def test_gpu_gluon_alternative_tiles(gluon_on, monkeypatch, tile, case):
+    # The SWITCH_DIT_SMOD_GLUON_TILE shapes the benchmarks time (BLOCK_M 256 and 64, BLOCK_K 64
+    # at 3 stages); where one does not fit a kernel, that kernel falls back to Triton.
+    _needs_sm90()
+    monkeypatch.setenv("SWITCH_DIT_SMOD_GLUON_TILE", tile)
+    batch, tokens, dim, experts, k, bias, routing = case
+    x, weight, b, weights, ids = make_inputs(batch, tokens, dim, experts, k, dtype=torch.bfloat16,
+                                             bias=bias, routing=routing, device="cuda")
+    check_against_reference(x, weight, b, weights, ids, torch.bfloat16)
+    assert gluon_on["fwd"] >= 1
 
 
 @pytest.mark.gpu

@@ -77,19 +77,25 @@ _TILE_PREFERENCE = ((64, 4), (32, 6), (32, 5), (64, 3), (32, 4), (32, 3))
 
 
 def _tile_override():
-    """SWITCH_DIT_SMOD_GLUON_TILE="BK,STAGES" (for timing alternatives on a GPU), or None."""
+    """SWITCH_DIT_SMOD_GLUON_TILE="BK,STAGES" or "BM,BN,BK,STAGES" (to time alternatives on a
+    GPU), as (BM, BN, BK, STAGES) with BM, BN None when not given; or None."""
     value = os.environ.get("SWITCH_DIT_SMOD_GLUON_TILE", "")
     if not value:
         return None
+    usage = (f"SWITCH_DIT_SMOD_GLUON_TILE={value!r}: expected 'BLOCK_K,STAGES' or "
+             f"'BLOCK_M,BLOCK_N,BLOCK_K,STAGES', e.g. '64,3' or '256,64,32,6'")
     try:
-        bk, stages = (int(v) for v in value.split(","))
+        parts = [int(v) for v in value.split(",")]
     except ValueError:
-        raise ValueError(f"SWITCH_DIT_SMOD_GLUON_TILE={value!r}: expected 'BLOCK_K,STAGES', "
-                         f"e.g. '64,3'") from None
-    if bk not in (16, 32, 64) or stages < 3:
-        raise ValueError(f"SWITCH_DIT_SMOD_GLUON_TILE={value!r}: BLOCK_K must be 16, 32 or 64 and "
+        raise ValueError(usage) from None
+    if len(parts) not in (2, 4):
+        raise ValueError(usage)
+    bm, bn, bk, stages = parts if len(parts) == 4 else (None, None, *parts)
+    if bk not in (16, 32, 64) or stages < 3 or bm not in (None, 64, 128, 256) \
+            or bn not in (None, 64, 128, 256):
+        raise ValueError(f"{usage}; BLOCK_M and BLOCK_N 64, 128 or 256, BLOCK_K 16, 32 or 64, "
                          f"STAGES >= 3 (copies run STAGES - 2 steps ahead)")
-    return bk, stages
+    return bm, bn, bk, stages
 
 
 def gluon_tile(k_loads: int, forms_u: bool):
@@ -104,7 +110,10 @@ def gluon_tile(k_loads: int, forms_u: bool):
     """
     bm, bn, warps = 128, 128, 8
     override = _tile_override()
-    for bk, stages in ((override,) if override else _TILE_PREFERENCE):
+    if override:
+        bm, bn = override[0] or bm, override[1] or bn
+        warps = 4 if bm == 64 else 8
+    for bk, stages in ((override[2:],) if override else _TILE_PREFERENCE):
         if gluon_smem_bytes(bm, bn, bk, stages, k_loads, forms_u) <= _SMEM_BUDGET:
             return bm, bn, bk, warps, stages
     raise ValueError(f"no Gluon tile fits {k_loads} expert chunks per step"
