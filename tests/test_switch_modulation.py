@@ -559,3 +559,70 @@ def test_reduce_partials_reads_only_written_slices():
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want.to(dtype).double(), rtol=1e-3, atol=1e-5)
     assert torch.equal(reduce_partials(partial, used, torch.float32)[3], torch.zeros(37, 37))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning reruns a kernel while it times it: kernels that overwrite an input must survive that.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("u_given", [False, True])
+def test_dx_kernel_survives_autotuner_reruns(u_given):
+    # A 2-config autotuner with the production kernel's restore_value / reset_to_zero, whose
+    # "benchmark" runs each config three times (do_bench runs it dozens of times on a GPU). With
+    # the u pre-pass the epilogue adds the GEMM to dx: without dx restored, every timing run added
+    # it once more (dx = dR*(1+y) + 7 * u W~^T here).
+    import triton
+    from switch_dit_kernels.kernels import switch_modulation_bwd as bwd
+    production = bwd._switch_modulation_dx_kernel
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+            runs.append(1)
+        return [1.0] * len(quantiles)
+
+    configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
+                             num_stages=1),
+               # BLOCK_M >= the production list's smallest: dx_usum_tiles sizes the sums for it
+               triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4,
+                             num_stages=1)]
+    tuned = triton.autotune(configs=configs, key=["N_u", "D"], do_bench=bench,
+                            restore_value=production.restore_value,
+                            reset_to_zero=production.reset_to_zero)(production.fn)
+    torch.manual_seed(0)
+    batch, tokens, dim, num_experts, k = 2, 32, 32, 3, 2
+    x = torch.randn(batch * tokens, dim)
+    dr = torch.randn(batch * tokens, dim)
+    weight = torch.randn(num_experts, dim, dim) * 0.1
+    g = torch.rand(batch, k)
+    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(batch)]).to(torch.int32)
+    y0 = dr * x if u_given else torch.randn(batch * tokens, dim)
+    dx0 = torch.randn(batch * tokens, dim)     # u given: what the pre-pass wrote, dR * (1 + y)
+    tiles = bwd.dx_usum_tiles(tokens)
+
+    def run(kernel):
+        y, dx = y0.clone(), dx0.clone()
+        usum = None if u_given else torch.zeros(batch * tiles, dim)
+        bwd._switch_modulation_dx_kernel = kernel
+        try:
+            bwd.launch_dx(dr, x, weight, g, ids, y, dx, tokens, premerged=False,
+                          store_u=not u_given, u_given=u_given, usum_part=usum)
+        finally:
+            bwd._switch_modulation_dx_kernel = production
+        return y, dx, usum
+
+    once = run(production)                      # the interpreter's single config: no timing runs
+    again = run(tuned)
+    assert len(runs) == 6
+    for a, b in zip(once, again):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_untuned_autotuners_time_nothing(monkeypatch):
+    # SWITCH_DIT_AUTOTUNE=0: Triton would still time the one kept config (dozens of runs a key).
+    from switch_dit_kernels.kernels import tuning
+    calls = []
+    monkeypatch.setattr(tuning, "autotune_mode", lambda: "off")
+    assert tuning.bench_unless_untuned(lambda: calls.append(1), (0.5, 0.2, 0.8)) == [0.0] * 3
+    assert calls == []

@@ -160,6 +160,7 @@ def _kernel():
                  "STORE_PRE", "ACT_BWD", "PRECISION", "EVEN_K", "EVEN_N", "BLOCK_E"],
             prune_configs_by={"early_config_prune": tuning.prune_gemm_configs},
             cache_results=tuning.autotune_cache_enabled(),
+            do_bench=tuning.bench_unless_untuned,
         )(_grouped_gemm_kernel)
     return _tuned_kernel
 

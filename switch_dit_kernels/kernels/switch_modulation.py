@@ -234,7 +234,7 @@ def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "HAS_BIAS", "PREMERGED", "STORE_Y",
                                              "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
-                 cache_results=autotune_cache_enabled())
+                 cache_results=autotune_cache_enabled(), do_bench=tuning.bench_unless_untuned)
 @triton.jit
 def _switch_modulation_fwd_kernel(
         x_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, r_ptr, y_ptr,

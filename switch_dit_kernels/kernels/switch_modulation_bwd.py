@@ -58,7 +58,7 @@ import triton.language as tl
 from ..backend import triton_interpreting
 from . import switch_modulation_gluon
 from .buffers import new_buffer
-from .tuning import autotune_cache_enabled, autotuning_enabled
+from .tuning import autotune_cache_enabled, autotuning_enabled, bench_unless_untuned
 from .switch_modulation import (
     dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
     prune_fwd_configs, unit_row_tile, unit_tile_grid,
@@ -71,10 +71,12 @@ from .switch_modulation import (
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
                                              "STORE_USUM", "U_GIVEN", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
-                 restore_value=["y_ptr"],  # benchmarking reruns the kernel; y -> u is not idempotent
+                 # benchmarking reruns the kernel, which is not idempotent: y -> u, and with the u
+                 # pre-pass dx += the GEMM (dx restored too, or each timing run adds it again)
+                 restore_value=["y_ptr", "dx_ptr"],
                  # a config with a larger BLOCK_M writes fewer usum rows than the one timed before
                  reset_to_zero=["usum_ptr"],
-                 cache_results=autotune_cache_enabled())
+                 cache_results=autotune_cache_enabled(), do_bench=bench_unless_untuned)
 @triton.jit
 def _switch_modulation_dx_kernel(
         dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr, usum_ptr,
@@ -261,14 +263,14 @@ def _prune_dw_configs(configs, named_args, **kwargs):
     if kwargs.get("SLOTS", 1) >= 2 and kwargs.get("BLOCK_I", 0) * kwargs.get("BLOCK_J", 0) >= 128 * 64:
         kept = [c for c in configs if c.kwargs["BLOCK_R"] == 32 and c.num_stages == 4]
         return kept or configs[:1]
-    return configs
+    return configs if autotuning_enabled() else configs[:1]  # SWITCH_DIT_AUTOTUNE=0: one config
 
 
 @triton.autotune(configs=_dw_configs(), key=["N_u", "D", "K_EXP", "SLOTS", "BLOCK_I", "BLOCK_J",
                                                  "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_dw_configs},
                  reset_to_zero=["seen_ptr"],  # the first flush of an expert stores, later ones add
-                 cache_results=autotune_cache_enabled())
+                 cache_results=autotune_cache_enabled(), do_bench=bench_unless_untuned)
 @triton.jit
 def _switch_modulation_dw_kernel(
         x_ptr, u_ptr, w_ptr, g_ptr, ids_ptr, order_ptr, partial_ptr, seen_ptr, dgp_ptr,
@@ -411,6 +413,11 @@ def _flush_slot(acc, e, split_base, seen_row, offs_i, offs_j, D):
     seen_rows = (offs_i * 0 + seen) != 0  # a vector: the interpreter rejects tensor & scalar masks
     old = tl.load(ptrs, mask=tile_mask & seen_rows[:, None], other=0.0)
     tl.store(ptrs, old + acc, mask=tile_mask)
+    # Every thread has read the flag (it masks `old`, which the store above needs) before one
+    # thread sets it: without this barrier a late warp could read 1 on the expert's first flush
+    # and add the uninitialised buffer. bf16/fp16 got one by accident (the layout conversions
+    # between load and store go through shared memory); fp32's IEEE path had none (PTX review).
+    _cta_barrier()
     tl.store(seen_row + e, 1)
     _cta_barrier()
 

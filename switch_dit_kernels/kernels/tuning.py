@@ -98,6 +98,18 @@ def for_generation(configs: Sequence, curated: Dict[str, Sequence[Point]],
     return [by_point[p] for p in points if p in by_point]
 
 
+def bench_unless_untuned(kernel_call, quantiles):
+    """The autotuners' `do_bench`: Triton's own benchmarker, except under SWITCH_DIT_AUTOTUNE=0.
+    There the pruners keep one config, and Triton (3.6 and 3.9 alike) would still time it on a
+    cache miss: dozens of runs, ~0.1 s per key, rerunning kernels that overwrite an input
+    (restore_value / reset_to_zero make those reruns safe, at a cost). Untuned, nothing runs:
+    every config times 0, the one kept is compiled by the real launch."""
+    if autotune_mode() == "off":
+        return [0.0] * len(quantiles) if quantiles else 0.0
+    from triton.runtime.driver import driver
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 def autotuning_enabled() -> bool:
     return autotune_mode() != "off"
 

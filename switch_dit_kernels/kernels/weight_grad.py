@@ -189,6 +189,7 @@ def _kernel():
             key=["K", "N_OUT", "GATHER_A", "GATHER_B", "HAS_DB", "PRECISION"],
             prune_configs_by={"early_config_prune": tuning.prune_weight_grad_configs},
             cache_results=tuning.autotune_cache_enabled(),
+            do_bench=tuning.bench_unless_untuned,
         )(_weight_grad_body)
     return _tuned_kernel
 
