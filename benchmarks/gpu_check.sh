@@ -30,6 +30,8 @@
 #                    switch_dit (SWITCH_DIT_AUTOTUNE=$HF_MOE_AUTOTUNE, default 0: one config, so the
 #                    stage stays small); its table goes into summary.md (no file of its own)
 #   summary          markdown tables of every JSON (python -m benchmarks.plot --tables --no-png)
+#                    and the default-setting decisions (python -m benchmarks.decide: Gluon, its
+#                    tile, the u pre-pass, moe_recompute, each candidate against its incumbent)
 #
 # Knobs (environment): OUT, PY (python3), BUDGET_S (470), SKIP_SETUP=1, SKIP_TESTS=1,
 # GPU_TEST_FILES (space-separated test files for tests_regular), PYTEST_WORKERS (4),
@@ -179,6 +181,12 @@ done
 if (( ${#JSONS[@]} )); then
   timeout -k 5 30 "$PY" -m benchmarks.plot --tables --no-png "${JSONS[@]}" >> "$OUT/summary.md" 2>> "$LOG" \
     || echo "(tables failed: see gpu_check.log)" >> "$OUT/summary.md"
+fi
+DECIDE_JSONS=()
+for f in moe_layer_switch train_step; do [[ -f "$OUT/$f.json" ]] && DECIDE_JSONS+=("$OUT/$f.json"); done
+if (( ${#DECIDE_JSONS[@]} )); then  # the default-setting decisions this run is for
+  { echo; timeout -k 5 30 "$PY" -m benchmarks.decide "${DECIDE_JSONS[@]}"; } >> "$OUT/summary.md" 2>> "$LOG" \
+    || echo "(decisions failed: see gpu_check.log)" >> "$OUT/summary.md"
 fi
 if [[ "$HF_MOE_TABLE" == impl* ]]; then
   { echo; echo "## hf_moe (benchmarks.hf_moe)"; echo; echo '```'; printf '%b\n' "$HF_MOE_TABLE"; echo '```'; } >> "$OUT/summary.md"

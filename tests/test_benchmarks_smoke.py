@@ -189,3 +189,28 @@ def test_saved_activations_counts_the_expert_output_exactly(tmp_path):
     assert fused["bytes_per_token_channel"] - lean["bytes_per_token_channel"] == pytest.approx(2.0)
     assert by["DiT"]["bytes_per_token_channel"] < lean["bytes_per_token_channel"]
     assert json.loads(path.read_text())["benchmark"] == "saved_activations"
+
+
+def test_decide_reads_one_runs_json(tmp_path):
+    # Each verdict of benchmarks.decide from rows built here: faster everywhere, slower, missing.
+    from benchmarks import decide
+
+    def row(impl, case, mode, ms, error=None):
+        return {"impl": impl, "case": case, "mode": mode, "ms": ms, "error": error}
+
+    rows = [row("switch_modulation_triton", c, m, 1.0) for c in ("XL", "S")
+            for m in ("forward", "forward+backward")]
+    rows += [row("switch_modulation_gluon", c, m, 0.8) for c in ("XL", "S")
+             for m in ("forward", "forward+backward")]
+    rows += [row("switch_modulation_gluon_256x64", "XL", "forward", 0.9),
+             row("switch_modulation_gluon_256x64", "S", "forward", None, error="boom")]
+    rows += [row("switch_modulation_triton_prepass", c, "forward+backward", 1.2) for c in ("XL", "S")]
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps({"benchmark": "moe_layer", "rows": rows}))
+    text = decide.report(decide.load_rows([str(path)]))
+    assert "Gluon forward+dx as the sm_90 default: candidate wins everywhere (0.80-0.80x" in text
+    assert "(one sample per tile): undecided: no figure for S forward" in text
+    assert "u pre-pass as the default backward: keep the incumbent" in text
+    assert "moe_recompute in training: no data" in text
+    with pytest.raises(SystemExit):
+        decide.main([str(tmp_path / "missing.json")])
