@@ -213,6 +213,32 @@ def test_gpu_gluon_alternative_tiles(gluon_on, monkeypatch, tile, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("routing", ["random", "shared"])
+def test_gpu_gluon_writes_every_output_element(gluon_on, routing):
+    # Launch into NaN-filled buffers: an unwritten tile (a partial M tile, the K/N tails) keeps
+    # its NaN. N=37 and D=48: one partial M tile per sample, D below BLOCK_K. (The numerics are
+    # held to the 2x-PyTorch rule by test_gpu_gluon_matches_reference; here bf16-level agreement.)
+    _needs_sm90()
+    from switch_dit_kernels.kernels.switch_modulation_bwd import switch_modulation_bwd_torch
+    x, weight, b, weights, ids = make_inputs(3, 37, 48, 3, 2, dtype=torch.bfloat16,
+                                             routing=routing, device="cuda")
+    nan = float("nan")
+    r, y = torch.full_like(x, nan), torch.full_like(x, nan)
+    smod.switch_modulation_fwd(x, weight, b, weights, ids, store_y=True, out=r, y_out=y)
+    r_ref, y_ref = smod.switch_modulation_fwd_torch(x, weight, b, weights, ids)
+    torch.testing.assert_close(r, r_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    grad_r = torch.randn_like(x)
+    dx = torch.full_like(x, nan)
+    got = smod_bwd.switch_modulation_bwd(grad_r, x, weight, b, weights, ids, y.clone(), dx_out=dx)
+    want = switch_modulation_bwd_torch(grad_r, x, weight, b, weights, ids)
+    for name, g_, w_ in zip(["dx", "dW", "db", "dg"], got, want):
+        assert torch.isfinite(g_).all(), name
+        torch.testing.assert_close(g_.float(), w_.float(), rtol=5e-2, atol=5e-2, msg=name)
+    assert gluon_on["fwd"] == 1 and gluon_on["dx"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing", ["random", "shared"])
 def test_gpu_gluon_with_u_prepass(gluon_on, monkeypatch, routing):
     _needs_sm90()
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
