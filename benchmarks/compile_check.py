@@ -981,10 +981,7 @@ def check_spec(spec: KernelSpec, args, targets, dtypes, report):
     variants = spec.variants() if callable(spec.variants) else spec.variants
     for variant in variants:
         for dtype_label in dtypes:
-            if dtype_label == "fp64" and "fp64" not in spec.dtypes:
-                continue
-            if dtype_label == "fp32-tf32" and not any(
-                    n in fn.arg_names for n in ("PRECISION", "DOT_PRECISION")):
+            if not dtype_applies(spec, fn, dtype_label):
                 continue
             consts = {**auto_consts(fn, dtype_label), **variant.consts}
             kept = pruner_keeps(spec, prune, configs, dtype_label, consts) if configs else []
@@ -1038,15 +1035,16 @@ PIPE_RANK = {"-": 0, "ok": 1, "serial": 2, "c7515": 3}
 def row_count(spec: KernelSpec, fn, dtypes, targets) -> int:
     """Table rows check_spec prints for ``spec`` (the progress counter's denominator)."""
     variants = spec.variants() if callable(spec.variants) else spec.variants
-    rows = 0
-    for dtype_label in dtypes:
-        if dtype_label == "fp64" and "fp64" not in spec.dtypes:
-            continue
-        if dtype_label == "fp32-tf32" and not any(
-                n in fn.arg_names for n in ("PRECISION", "DOT_PRECISION")):
-            continue
-        rows += len(variants) * len(targets)
-    return rows
+    return sum(len(variants) * len(targets) for d in dtypes if dtype_applies(spec, fn, d))
+
+
+def dtype_applies(spec: KernelSpec, fn, dtype_label: str) -> bool:
+    """The kernel takes this dtype: it is in the spec's list ("fp32-tf32" counting as "fp32",
+    and only for kernels with a dot-precision constexpr; the Gluon twins list 16-bit only)."""
+    if dtype_label == "fp32-tf32":
+        return "fp32" in spec.dtypes and any(
+            n in fn.arg_names for n in ("PRECISION", "DOT_PRECISION"))
+    return dtype_label in spec.dtypes
 
 
 def print_row(qual, variant, dtype_label, cc, results, strict, where_in_run=""):

@@ -126,6 +126,14 @@ def _no_setup(ctx, inputs, output) -> None:
     pass
 
 
+def _register_autograd(fwd_op, bwd_op, backward, setup_context, name: str) -> None:
+    """The forward op differentiates through ``backward``; its backward op refuses a second
+    derivative, naming ``name`` in the error."""
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    bwd_op.register_autograd(_refuse_double_backward(f"switch_dit's {name}"),
+                             setup_context=_no_setup)
+
+
 def _input_grads(grads: Sequence[Tensor], needs: Sequence[bool], num_inputs: int) -> tuple:
     """A forward op's autograd result: its differentiable inputs' gradients where ``needs`` says
     so (None elsewhere), then None for the remaining ``num_inputs - len(needs)`` arguments."""
@@ -240,10 +248,8 @@ def _expert_linear_backward(ctx, grad_y, _grad_h):
     return _input_grads(grads, needs, 8)
 
 
-expert_linear_fwd_op.register_autograd(_expert_linear_backward,
-                                       setup_context=_expert_linear_setup)
-expert_linear_bwd_op.register_autograd(
-    _refuse_double_backward("switch_dit's expert_linear"), setup_context=_no_setup)
+_register_autograd(expert_linear_fwd_op, expert_linear_bwd_op, _expert_linear_backward,
+                   _expert_linear_setup, "expert_linear")
 
 
 def expert_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_weights: Tensor,
@@ -335,9 +341,8 @@ def _expert_mlp_backward(ctx, grad_y, *_grad_intermediates):
     return _input_grads(grads, needs, 12)
 
 
-expert_mlp_fwd_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
-expert_mlp_bwd_op.register_autograd(
-    _refuse_double_backward("switch_dit's expert_mlp"), setup_context=_no_setup)
+_register_autograd(expert_mlp_fwd_op, expert_mlp_bwd_op, _expert_mlp_backward,
+                   _expert_mlp_setup, "expert_mlp")
 
 
 def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
@@ -457,10 +462,8 @@ def _switch_modulation_backward(ctx, grad_r, _grad_y):
     return _input_grads(grads, needs, 8)
 
 
-switch_modulation_fwd_op.register_autograd(_switch_modulation_backward,
-                                           setup_context=_switch_modulation_setup)
-switch_modulation_bwd_op.register_autograd(
-    _refuse_double_backward("switch_dit's switch_modulation"), setup_context=_no_setup)
+_register_autograd(switch_modulation_fwd_op, switch_modulation_bwd_op,
+                   _switch_modulation_backward, _switch_modulation_setup, "switch_modulation")
 
 
 def switch_modulation_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_weights: Tensor,

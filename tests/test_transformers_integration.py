@@ -123,6 +123,18 @@ def _standalone_experts(model_name="mixtral"):
     return model, experts
 
 
+def _check_experts(experts, reference_impl, impl, hidden, ids, weights):
+    """``impl`` against ``reference_impl`` in float64 (the truth) and float32 (its own error):
+    the output and every gradient of the experts module, by the 2x-PyTorch rule."""
+    out64, grads64 = _run_experts(experts.double(), reference_impl, hidden.double(), ids,
+                                  weights.double())
+    out32, grads32 = _run_experts(experts.float(), reference_impl, hidden, ids, weights)
+    out, grads = _run_experts(experts, impl, hidden, ids, weights)
+    assert_matches_reference("y", out, out64, out32, torch.float32)
+    for name in grads64:
+        assert_matches_reference(name, grads[name], grads64[name], grads32[name], torch.float32)
+
+
 def _run_experts(experts, impl, hidden, ids, weights):
     """The experts module's forward through implementation ``impl``, with grads of everything."""
     experts.config._experts_implementation = impl
@@ -233,13 +245,7 @@ def test_transposed_experts_with_biases_match_batched_mm(backend, impl_names):
     ids = torch.stack([torch.randperm(7)[:3] for _ in range(tokens)])
     weights = torch.rand(tokens, 3)
     assert "batched_mm" in ALL_EXPERTS_FUNCTIONS
-    out64, grads64 = _run_experts(experts.double(), "batched_mm", hidden.double(), ids,
-                                  weights.double())
-    out32, grads32 = _run_experts(experts.float(), "batched_mm", hidden, ids, weights)
-    out, grads = _run_experts(experts, impl_names[backend], hidden, ids, weights)
-    assert_matches_reference("y", out, out64, out32, torch.float32)
-    for name in grads64:
-        assert_matches_reference(name, grads[name], grads64[name], grads32[name], torch.float32)
+    _check_experts(experts, "batched_mm", impl_names[backend], hidden, ids, weights)
 
 
 def test_ungated_experts_match_eager(impl_names):
@@ -256,13 +262,7 @@ def test_ungated_experts_match_eager(impl_names):
     hidden = torch.randn(tokens, 24)
     ids = torch.stack([torch.randperm(5)[:2] for _ in range(tokens)])
     weights = torch.rand(tokens, 2)
-    out64, grads64 = _run_experts(experts.double(), "eager", hidden.double(), ids,
-                                  weights.double())
-    out32, grads32 = _run_experts(experts.float(), "eager", hidden, ids, weights)
-    out, grads = _run_experts(experts, impl_names["torch"], hidden, ids, weights)
-    assert_matches_reference("y", out, out64, out32, torch.float32)
-    for name in grads64:
-        assert_matches_reference(name, grads[name], grads64[name], grads32[name], torch.float32)
+    _check_experts(experts, "eager", impl_names["torch"], hidden, ids, weights)
 
 
 def test_gpt_oss_is_refused_naming_the_clamped_swiglu(impl_names):
@@ -345,13 +345,7 @@ def test_experts_module_matches_eager_at_odd_sizes(tokens, k, backend, impl_name
     hidden = torch.randn(tokens, dim)
     ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k)
-    out64, grads64 = _run_experts(experts.double(), "eager", hidden.double(), ids,
-                                  weights.double())
-    out32, grads32 = _run_experts(experts.float(), "eager", hidden, ids, weights)
-    out, grads = _run_experts(experts, impl_names[backend], hidden, ids, weights)
-    assert_matches_reference("y", out, out64, out32, torch.float32)
-    for name in grads64:
-        assert_matches_reference(name, grads[name], grads64[name], grads32[name], torch.float32)
+    _check_experts(experts, "eager", impl_names[backend], hidden, ids, weights)
 
 
 def test_autocast_runs_experts_in_the_autocast_dtype(impl_names):

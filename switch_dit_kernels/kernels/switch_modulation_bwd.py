@@ -158,16 +158,16 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
     usum_part: with store_u, [units * dx_usum_tiles(rows_per_unit), D] float32 zeros: receives
     the per-M-tile column sums of u (sum over each unit's block of rows: the unit's sums)."""
     num_units, k = ids.shape
+    store_usum = usum_part is not None and store_u and not u_given
     if switch_modulation_gluon.gluon_applies(1 if premerged else k, not u_given, x, dr, weight,
                                              y, dx):
         # opt-in sm_90 twin that overlaps the W~ merge with the wgmma (SWITCH_DIT_SMOD_GLUON=1)
         switch_modulation_gluon.launch_dx_gluon(
             dr, x, weight, g, ids, y, dx, rows_per_unit, premerged=premerged, store_u=store_u,
-            u_given=u_given, usum_part=usum_part if store_u and not u_given else None,
+            u_given=u_given, usum_part=usum_part if store_usum else None,
             usum_tiles=dx_usum_tiles(rows_per_unit))
         return
     dim = x.shape[-1]
-    store_usum = usum_part is not None and store_u and not u_given
     if usum_part is None:
         usum_part = torch.empty(1, device=x.device, dtype=torch.float32)  # never written
     _switch_modulation_dx_kernel[unit_tile_grid(num_units, rows_per_unit, dim)](
