@@ -31,7 +31,8 @@
 #                    stage stays small); its table goes into summary.md (no file of its own)
 #   summary          markdown tables of every JSON (python -m benchmarks.plot --tables --no-png)
 #                    and the default-setting decisions (python -m benchmarks.decide: Gluon, its
-#                    tile, the u pre-pass, moe_recompute, each candidate against its incumbent)
+#                    tile, the merged operand, the sm_90 u pre-pass, moe_recompute, each candidate
+#                    against its incumbent)
 #
 # Knobs (environment): OUT, PY (python3), BUDGET_S (470), SKIP_SETUP=1, SKIP_TESTS=1,
 # GPU_TEST_FILES (space-separated test files for tests_regular), PYTEST_WORKERS (4),

@@ -204,13 +204,13 @@ def test_decide_reads_one_runs_json(tmp_path):
              for m in ("forward", "forward+backward")]
     rows += [row("switch_modulation_gluon_256x64", "XL", "forward", 0.9),
              row("switch_modulation_gluon_256x64", "S", "forward", None, error="boom")]
-    rows += [row("switch_modulation_triton_prepass", c, "forward+backward", 1.2) for c in ("XL", "S")]
+    rows += [row("switch_modulation_triton_fused_u", c, "forward+backward", 1.2) for c in ("XL", "S")]
     path = tmp_path / "moe.json"
     path.write_text(json.dumps({"benchmark": "moe_layer", "rows": rows}))
     text = decide.report(decide.load_rows([str(path)]))
     assert "Gluon forward+dx as the sm_90 default: candidate wins everywhere (0.80-0.80x" in text
     assert "(one sample per tile): undecided: no figure for S forward" in text
-    assert "u pre-pass as the default backward: keep the incumbent" in text
+    assert "fused u instead of the sm_90 u pre-pass: keep the incumbent" in text
     assert "moe_recompute in training: no data" in text
     with pytest.raises(SystemExit):
         decide.main([str(tmp_path / "missing.json")])

@@ -322,6 +322,17 @@ def test_gpu_matches_reference_bf16(routing):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("operand,prepass", [("a", "auto"), ("a", "0"), ("b", "0")])
+def test_gpu_merged_operand_and_prepass_bf16(monkeypatch, operand, prepass):
+    # the default (on sm_90: the pre-pass and the merged chunk as operand A) and the two opt-outs
+    # a GPU run times against it (benchmarks.decide)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_MERGED_OPERAND", operand)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", prepass)
+    x, weight, b, weights, ids = make_inputs(6, 256, 384, 3, 2, dtype=torch.bfloat16, device="cuda")
+    check_against_reference(x, weight, b, weights, ids, torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_gpu_odd_sizes_bf16():
     # N=197 (ViT-style token count, not a tile multiple), odd D=200, E=8 with unused experts.
     x, weight, b, weights, ids = make_inputs(6, 197, 200, 8, 2, dtype=torch.bfloat16, device="cuda")
@@ -421,8 +432,9 @@ def test_nan_in_one_sample_stays_in_its_experts(monkeypatch, backend, where):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-# The opt-in u pre-pass (SWITCH_DIT_SMOD_DX_PREPASS=1): u = dR * x, dR * (1 + y) and the per-unit
-# sums of u in one elementwise pass, the dx GEMM then reads u as a plain operand.
+# The u pre-pass (SWITCH_DIT_SMOD_DX_PREPASS=1; the sm_90 default for k >= 2): u = dR * x,
+# dR * (1 + y) and the per-unit sums of u in one elementwise pass, the dx GEMM then reads u as a
+# plain operand.
 PREPASS_CASES = [CASES[0], CASES[1], CASES[2], CASES[4], CASES[5], CASES[7]]
 
 
@@ -463,6 +475,118 @@ def test_u_prepass_writes_every_output_and_is_deterministic(monkeypatch, routing
 def test_u_prepass_partial_requires_grad(monkeypatch, which):
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
     test_partial_requires_grad(which)
+
+
+class LaunchSpy:
+    """Stands in for an autotuned kernel: records each launch's constexpr keywords, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getattr__(self, name):  # .configs and the like
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def spy_kernels(monkeypatch):
+    from switch_dit_kernels.kernels import switch_modulation as sm
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb
+    fwd = LaunchSpy(sm._switch_modulation_fwd_kernel)
+    dx = LaunchSpy(smb._switch_modulation_dx_kernel)
+    monkeypatch.setattr(sm, "_switch_modulation_fwd_kernel", fwd)
+    monkeypatch.setattr(smb, "_switch_modulation_dx_kernel", dx)
+    return fwd, dx
+
+
+# The merged W~ chunk as the MMA's register operand (MERGED_AS_A, the default with k >= 2 experts
+# merged on chip) against SWITCH_DIT_SMOD_MERGED_OPERAND=b (the previous orientation), with the
+# fused u and with the pre-pass, so both loops and both epilogues are checked.
+MERGED_CASES = [CASES[0], CASES[2], CASES[3], CASES[6]]
+
+
+@pytest.mark.parametrize("batch,tokens,dim,num_experts,k,bias,routing", MERGED_CASES)
+@pytest.mark.parametrize("operand,prepass", [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merged_operand_orientations_match_reference(monkeypatch, batch, tokens, dim, num_experts,
+                                                     k, bias, routing, operand, prepass, dtype):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_MERGED_OPERAND", operand)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", prepass)
+    fwd, dx = spy_kernels(monkeypatch)
+    x, weight, b, weights, ids = make_inputs(batch, tokens, dim, num_experts, k, dtype=dtype,
+                                             bias=bias, routing=routing)
+    check_against_reference(x, weight, b, weights, ids, dtype)
+    # the knob reached both kernels (not a no-op), and u came from where it was asked
+    assert [launch["MERGED_AS_A"] for launch in fwd.launches + dx.launches] == \
+        [operand == "a"] * (len(fwd.launches) + len(dx.launches))
+    assert dx.launches and all(launch["U_GIVEN"] == (prepass == "1") for launch in dx.launches)
+
+
+@pytest.mark.parametrize("k,routing,expect", [(1, "random", False), (2, "shared", False)])
+def test_one_expert_chunk_keeps_the_merged_operand_in_shared_memory(monkeypatch, k, routing,
+                                                                    expect):
+    # Nothing is merged with one expert chunk (k = 1; shared routing runs on the premerged W~).
+    monkeypatch.delenv("SWITCH_DIT_SMOD_MERGED_OPERAND", raising=False)
+    fwd, dx = spy_kernels(monkeypatch)
+    x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, k, routing=routing)
+    check_against_reference(x, weight, b, weights, ids, torch.float32)
+    assert fwd.launches and dx.launches
+    assert all(launch["MERGED_AS_A"] is expect for launch in fwd.launches + dx.launches)
+
+
+@pytest.fixture
+def on_hopper(monkeypatch):
+    """The launch-time GPU generation read as sm_90 (the interpreter still runs the kernels)."""
+    from switch_dit_kernels.kernels import tuning
+    monkeypatch.setattr(tuning, "target_capability", lambda: 90)
+    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+
+
+@pytest.mark.parametrize("k,routing,prepass", [
+    (2, "random", True),     # k >= 2 merged on chip: the dx would wait for every wgmma
+    (3, "random", True),     # k = E
+    (1, "random", False),    # one expert chunk: the fused u keeps an MMA in flight
+    (2, "shared", False),    # shared routing: the premerged W~, one chunk
+])
+def test_u_prepass_is_the_sm90_default_where_the_dx_would_serialise(monkeypatch, on_hopper, k,
+                                                                    routing, prepass):
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb
+    calls = []
+    real = smb.launch_u_prepass
+    monkeypatch.setattr(smb, "launch_u_prepass", lambda *a: calls.append(1) or real(*a))
+    x, weight, b, weights, ids = make_inputs(3, 21, 40, 3, k, routing=routing)
+    check_against_reference(x, weight, b, weights, ids, torch.float32)
+    assert bool(calls) is prepass
+
+
+def test_u_prepass_policy(monkeypatch):
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb
+    from switch_dit_kernels.kernels import tuning
+    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+    for cc, want in [(None, False), (80, False), (90, True)]:
+        monkeypatch.setattr(tuning, "target_capability", lambda cc=cc: cc)
+        assert smb.u_prepass_enabled(2) is want, cc
+        assert smb.u_prepass_enabled(1) is False
+        # the opt-in Gluon dx keeps its MMA in flight with the fused u
+        assert smb.u_prepass_enabled(2, gluon_dx=True) is False
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "0")
+    assert smb.u_prepass_enabled(2) is False
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
+    assert smb.u_prepass_enabled(1) is True
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "yes")
+    with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_DX_PREPASS"):
+        smb.u_prepass_enabled(2)
+
+
+def test_bad_merged_operand_knob_names_itself(monkeypatch):
+    monkeypatch.setenv("SWITCH_DIT_SMOD_MERGED_OPERAND", "c")
+    x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, 2)
+    with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_MERGED_OPERAND"):
+        switch_modulation_triton(x, weight, b, weights, ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ on an H100/H200, its results against the float64 reference and the Triton twin.
 The CPU interpreter cannot run Gluon, so on the CPU this file checks the gating (which calls take
 the Gluon path), the tile/shared-memory arithmetic and the dispatch; `make compile-check` reads the
 compiled sm_90 code (MMA kept in flight, no C7515, no spills). The GPU-marked tests are what makes
-the path trustworthy: they run in benchmarks/gpu_check.sh's tests_gpu stage.
+the path trustworthy: they run in benchmarks/gpu_check.sh's tests_gluon stage, first.
 """
 import os
 

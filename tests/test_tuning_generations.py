@@ -250,20 +250,3 @@ def test_warmup_runs_forward_and_backward_on_the_triton_path(monkeypatch, op):
     assert kwargs["backend"] == "triton"
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     assert leaves and all(a.grad is not None and torch.isfinite(a.grad).all() for a in leaves)
-
-
-@pytest.mark.parametrize("premerged", [False, True])
-def test_hopper_dx_with_fused_u_keeps_only_tiles_with_an_mma_in_flight(gpu, premerged):
-    # dx forming u = dR * x with one expert chunk a step (k = 1, or the premerged shared routing):
-    # every other kept tile gets ptxas C7515 on sm_90, so only the clean ones stay.
-    gpu(90)
-    kwargs = dict(K_EXP=1, PREMERGED=premerged)
-    kept = points(prune("smod", dx=True, **kwargs))
-    assert kept and set(kept) <= switch_modulation._DX_FUSED_U_CLEAN
-    # Not restricted: the forward, u from the pre-pass, k >= 2, and other generations.
-    assert len(points(prune("smod", dx=False, **kwargs))) > len(kept)
-    assert len(points(prune("smod", dx=True, U_GIVEN=True, **kwargs))) > len(kept)
-    assert len(points(prune("smod", dx=True, K_EXP=2))) > len(kept)
-    assert len(points(prune("smod", dx=True, STORE_USUM=True, **kwargs))) > len(kept)
-    gpu(80)
-    assert len(points(prune("smod", dx=True, **kwargs))) > len(kept)

@@ -12,8 +12,9 @@ then tl.dot with fp32 accumulation) and fuses r = x * (1 + acc + b~) into the ep
 Work (M = B*N rows): B*N*D*D MACs on the tensor cores (one dense Linear(D, D)) plus the W~ formation,
 k*BLOCK_K*BLOCK_N FMAs per program per K step = k/BLOCK_M of the MACs (k=2, BLOCK_M=128: 1.6 %),
 but on the CUDA cores, ~15x slower per op than the tensor cores: up to ~25 % of the GEMM's time
-where it does not overlap, hence BLOCK_M=128 and the premerged shared path. k = 1 skips it (the
-accumulator is scaled by g). Expert tiles come from L2 (E*D*D*2 bytes = 8 MB at E=3, D=1152).
+where it does not overlap, hence BLOCK_M=128 and the premerged shared path. On sm_90 it overlaps:
+the merged chunk is the MMA's register operand (`modulation_gemm`), so the wgmma of K step i is
+still in flight while step i + 1 merges. k = 1 skips it (the accumulator is scaled by g). Expert tiles come from L2 (E*D*D*2 bytes = 8 MB at E=3, D=1152).
 Memory: reads x once (+ the epilogue's x tile, an L2 hit), writes r; in training (x needing a gradient)
 also y, one x-sized tensor: the backward's only saved activation.
 
@@ -57,33 +58,28 @@ SMOD_SPACE = [
     (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
     (64, 256, 32, 8, 4), (64, 64, 64, 4, 3),
     # One sample of N = 256 per M tile: each merged W~ chunk feeds twice the MMA work of a 128-row
-    # tile (half the merges per MMA). Still waits for every wgmma (the merged tile is one shared
-    # buffer) but no spill on sm_90 (Triton 3.6 bf16: 140-166 regs); the autotuner decides on a GPU.
+    # tile (half the merges per MMA); no spill on sm_90 (Triton 3.6 bf16: 195 regs in the forward
+    # with the merged chunk as operand A); the autotuner decides on a GPU.
     (256, 64, 64, 8, 3),
 ]
 SMOD_CURATED = {
-    # Triton 3.6 sm_90 bf16, compile_check --gate --configs all (fwd 4 and dx 7 variants,
-    # 2026-12-01). With k >= 2 every config waits for each wgmma (the on-chip merge), so the list is
-    # picked on the rest of the reading: BLOCK_M = 64 rows per warpgroup, BLOCK_K = 64 where it
-    # compiles clean. Kept: 128x128x64 w8 s3 (the default; fwd 136-196 regs, dx 104-205), 256x64x64
-    # w8 s3 (fwd: half the merges per MMA, 140-166 regs; the dx's two row tiles exceed shared memory,
-    # the pruner drops it there), 64x128x64 w4 s4 (144-216 regs), 64x128x32 w4 s3 (the one dx config
-    # that keeps an MMA in flight with the fused u at k = 1 and for shared routing; every other one
-    # is serialised there), 64x64x64 w4 s3 (small problems, 64-138 regs). Dropped: 128x128x32 w8 s4
-    # and 64x256x32 w8 s4 (BLOCK_K 32 at 8 warps: half the wgmma depth a stage, 170-204 regs),
-    # 128x64x64 w4 s4 (128 rows on one warpgroup: 145-212 regs); the 128x256 and 128x128 w4 tiles
-    # spill and were already pruned. At Switch-DiT-XL/2 (N = 256, D = 1152, k = 2): fwd 8 -> 5, dx
-    # 7 -> 4 compilations.
+    # Triton 3.6 sm_90 bf16, compile_check --gate --configs all (2026-12-01): every kept config of
+    # every default variant keeps a wgmma in flight (fwd k = 1, 2, 4 and premerged; dx with u from
+    # the pre-pass at k >= 2, with the fused u at k = 1 and premerged), so the list is picked on
+    # the rest of the reading: BLOCK_M = 64 rows per warpgroup, BLOCK_K = 64 where it compiles
+    # clean. Kept: 128x128x64 w8 s3 (the default; fwd 139-209 regs, dx 126-217), 256x64x64 w8 s3
+    # (fwd: half the merges per MMA, 195 regs; the dx's two row tiles exceed shared memory, the
+    # pruner drops it there), 64x128x64 w4 s4 (fwd up to 238 regs, no spill), 64x128x32 w4 s3,
+    # 64x64x64 w4 s3 (small problems). Dropped: 128x128x32 w8 s4 and 64x256x32 w8 s4 (BLOCK_K 32
+    # at 8 warps: half the wgmma depth a stage), 128x64x64 w4 s4 (128 rows on one warpgroup); the
+    # 128x256 and 128x128 w4 tiles spill (328-352 B) and were already pruned. At Switch-DiT-XL/2
+    # (N = 256, D = 1152, k = 2): fwd 8 -> 5, dx 7 -> 4 compilations.
     "hopper": [(128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 32, 4, 3),
                (64, 64, 64, 4, 3)],
     # mma.sync: 32-deep tiles with 3-4 stages and two 64-deep half tiles; the pruner's shared-memory
     # budget follows the device (160 KB sm_80, 96 KB sm_86/89). Not gate-read (sm_90 only).
     "ampere": [(128, 128, 32, 8, 4), (64, 128, 32, 4, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)],
 }
-
-
-# The dx tiles that keep an MMA in flight with the fused u and one expert chunk a K step (above).
-_DX_FUSED_U_CLEAN = {(64, 128, 32, 4, 3), (64, 128, 32, 4, 4)}
 
 
 def fwd_configs(interpreting: bool | None = None):
@@ -133,17 +129,6 @@ def prune_fwd_configs(configs, named_args, **kwargs):
         if bm * bn > 64 * 32 * c.num_warps:
             continue
         kept.append(c)
-    if (row_tiles == 2 and loads == 1 and not kwargs.get("U_GIVEN")
-            and not kwargs.get("STORE_USUM")
-            and tuning.generation(capability) == "hopper" and tuning.autotune_mode() != "full"):
-        # dx with the fused u = dR * x and one expert chunk a step (k = 1, shared routing): only
-        # these tiles keep a wgmma in flight there; every other one gets ptxas C7515 (Triton 3.6,
-        # sm_90, bf16: 128x128x32/64 w8, 128x64x32 w4, 64x128x64 w4 and 64x64 all do, 64x128x32
-        # w4 s3/s4 reads wait_group 1, 167-197 registers, no spill). With the u column sums in
-        # the epilogue (STORE_USUM: training with a bias) every tile gets C7515, this one too, so
-        # the autotuner chooses among all of them there.
-        clean = [c for c in kept if tuning.config_point(c) in _DX_FUSED_U_CLEAN]
-        kept = clean or kept
     if not kept:  # many experts per sample: a small tile, pipelined only if that fits
         stages = 2 if 2 * (row_tiles * 64 * 32 + loads * 32 * 64) * elt <= smem_limit else 1
         kept = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4,
@@ -216,6 +201,73 @@ def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows_k, cols_n, mask, D,
 
 
 @triton.jit
+def modulation_gemm(a_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, cols, mask_n, D,
+                    K_EXP: tl.constexpr, PREMERGED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+                    FORM_U: tl.constexpr, MERGED_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = A @ W~ (W~^T when W_TRANSPOSED: the dx) over all D columns.
+
+    A: rows lm of the [*, D] tile at a_tile (the input dtype); FORM_U: A = dR * x formed on the
+    fly from dr_tile and a_tile (x), rounded to the input dtype as autograd's own product is.
+    MERGED_AS_A: computed as acc^T = W~^T A^T (dx: W~ A^T), so the chunk merged from the k
+    experts on the CUDA cores is the MMA's register operand and the loaded A^T chunk its shared
+    operand. On sm_90 that keeps the wgmma of step i in flight while step i + 1 merges (Triton 3.6:
+    wgmma.wait_group 1-3 in the loop); with the merged chunk as the shared operand (MERGED_AS_A
+    off) Triton stores it to one shared buffer the pending wgmma still reads, and waits for every
+    wgmma (wait_group 0). The transposed accumulator costs one layout change after the loop.
+    """
+    in_ty = a_tile.dtype.element_ty
+    if MERGED_AS_A:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # At least one step, counted: a `range(0, D, BLOCK_K)` loop may run zero times as far as the
+    # compiler knows, and its separate zero-trip path sets the accumulator with movs where the
+    # loop's last wgmma is still in flight: ptxas then serialised the whole wgmma chain (C7515,
+    # Triton 3.6 sm_90 bf16, e.g. the dx with u = dR * x and its column sums, every tile). D >= 1.
+    for step in range(0, tl.maximum(tl.cdiv(D, BLOCK_K), 1)):
+        kk = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = kk < D
+        if MERGED_AS_A:
+            a_offs = lm[None, :] * D + kk[:, None]
+            a_mask = mask_m[None, :] & mask_k[:, None]
+        else:
+            a_offs = lm[:, None] * D + kk[None, :]
+            a_mask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_tile + a_offs, mask=a_mask, other=0.0)
+        if FORM_U:
+            a = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+                 * a.to(tl.float32)).to(in_ty)
+        if MERGED_AS_A:
+            # [BLOCK_N, BLOCK_K]: W~^T chunk for the forward, W~ chunk for the dx
+            w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, cols, kk,
+                                 mask_n[:, None] & mask_k[None, :], D, K_EXP, PREMERGED,
+                                 not W_TRANSPOSED)
+            acc_t = tl.dot(w.to(in_ty), a, acc_t, input_precision=DOT_PRECISION)
+        else:
+            w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
+                                 mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED,
+                                 W_TRANSPOSED)
+            acc = tl.dot(a, w.to(in_ty), acc, input_precision=DOT_PRECISION)
+    if MERGED_AS_A:
+        acc = tl.trans(acc_t)
+    return acc
+
+
+def merged_as_register_operand(k_merged: int) -> bool:
+    """Whether the forward / dx kernel makes the merged W~ chunk the MMA's register operand
+    (`modulation_gemm`'s MERGED_AS_A): with k_merged >= 2 experts merged on chip, unless
+    SWITCH_DIT_SMOD_MERGED_OPERAND=b asks for the previous orientation (the merged chunk in shared
+    memory; serialised on sm_90) to time against. With one expert chunk nothing is merged: no."""
+    value = os.environ.get("SWITCH_DIT_SMOD_MERGED_OPERAND", "a")
+    if value not in ("a", "b"):
+        raise ValueError(f"SWITCH_DIT_SMOD_MERGED_OPERAND must be 'a' (the merged W~ chunk is the "
+                         f"MMA's register operand, the default) or 'b' (its shared operand), "
+                         f"got {value!r}")
+    return k_merged >= 2 and value == "a"
+
+
+@triton.jit
 def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
                 K_EXP: tl.constexpr, PREMERGED: tl.constexpr):
     """b~[cols] = sum_j g_j b_ej[cols] in fp32 (PREMERGED: b_ptr already holds b~ in fp32)."""
@@ -232,7 +284,7 @@ def merged_bias(b_ptr, ids_ptr, g_ptr, unit, cols_n, mask_n, D,
 # Keyed on every constexpr that changes the compiled kernel (PREMERGED / STORE_Y: another loop body
 # and epilogue), so no variant reuses a config timed on another.
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "HAS_BIAS", "PREMERGED", "STORE_Y",
-                                             "DOT_PRECISION"],
+                                             "MERGED_AS_A", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
                  cache_results=autotune_cache_enabled(), do_bench=tuning.bench_unless_untuned)
 @triton.jit
@@ -240,22 +292,16 @@ def _switch_modulation_fwd_kernel(
         x_ptr, w_ptr, b_ptr, g_ptr, ids_ptr, r_ptr, y_ptr,
         N_u, D,
         K_EXP: tl.constexpr, HAS_BIAS: tl.constexpr, PREMERGED: tl.constexpr,
-        STORE_Y: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_Y: tl.constexpr, MERGED_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """r[rows, cols] = x * (1 + y), y = x @ W~_unit + b~_unit; one program per (M tile, N tile)."""
+    """r[rows, cols] = x * (1 + y), y = x @ W~_unit + b~_unit; one program per (M tile, N tile).
+    MERGED_AS_A: see `modulation_gemm`."""
     unit, tile_base, lm, mask_m, cols, mask_n = unit_row_tile(N_u, D, BLOCK_M, BLOCK_N)
-    in_ty = x_ptr.dtype.element_ty
     x_tile = x_ptr + tile_base
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < D
-        a = tl.load(x_tile + lm[:, None] * D + kk[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
-                             mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED, False)
-        acc = tl.dot(a, w.to(in_ty), acc, input_precision=DOT_PRECISION)
+    acc = modulation_gemm(x_tile, x_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, cols, mask_n,
+                          D, K_EXP, PREMERGED, False, False, MERGED_AS_A, DOT_PRECISION,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
     if K_EXP == 1 and not PREMERGED:
         acc = acc * tl.load(g_ptr + unit)
     if HAS_BIAS:
@@ -340,7 +386,8 @@ def launch_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x, weight, bias if bias is not None else x, g, ids, r, y if y is not None else r,
         rows_per_unit, dim,
         K_EXP=1 if premerged else k, HAS_BIAS=bias is not None, PREMERGED=premerged,
-        STORE_Y=y is not None, DOT_PRECISION=dot_precision(x.dtype))
+        STORE_Y=y is not None, MERGED_AS_A=merged_as_register_operand(1 if premerged else k),
+        DOT_PRECISION=dot_precision(x.dtype))
 
 
 def prepare_routing(topk_weights: torch.Tensor, topk_ids: torch.Tensor

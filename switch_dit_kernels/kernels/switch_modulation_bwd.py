@@ -56,12 +56,12 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
-from . import switch_modulation_gluon
+from . import switch_modulation_gluon, tuning
 from .buffers import new_buffer
 from .tuning import autotune_cache_enabled, autotuning_enabled, bench_unless_untuned
 from .switch_modulation import (
-    dot_precision, fwd_configs, is_shared_routing, load_merged_tile, merge_experts, prepare_routing,
-    prune_fwd_configs, unit_row_tile, unit_tile_grid,
+    dot_precision, fwd_configs, is_shared_routing, merge_experts, merged_as_register_operand,
+    modulation_gemm, prepare_routing, prune_fwd_configs, unit_row_tile, unit_tile_grid,
 )
 
 
@@ -69,7 +69,8 @@ from .switch_modulation import (
 # dx = dR * (1 + y) + (dR * x) @ W~^T, and u = dR * x written over y.
 # ----------------------------------------------------------------------------------------------
 @triton.autotune(configs=fwd_configs(), key=["N_u", "D", "K_EXP", "PREMERGED", "STORE_U",
-                                             "STORE_USUM", "U_GIVEN", "DOT_PRECISION"],
+                                             "STORE_USUM", "U_GIVEN", "MERGED_AS_A",
+                                             "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": prune_fwd_configs},
                  # benchmarking reruns the kernel, which is not idempotent: y -> u, and with the u
                  # pre-pass dx += the GEMM (dx restored too, or each timing run adds it again)
@@ -82,7 +83,8 @@ def _switch_modulation_dx_kernel(
         dr_ptr, x_ptr, w_ptr, g_ptr, ids_ptr, y_ptr, dx_ptr, usum_ptr,
         N_u, D, usum_tiles,
         K_EXP: tl.constexpr, PREMERGED: tl.constexpr, STORE_U: tl.constexpr,
-        STORE_USUM: tl.constexpr, U_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STORE_USUM: tl.constexpr, U_GIVEN: tl.constexpr, MERGED_AS_A: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[rows, cols] and (STORE_U) u[rows, cols] -> y_ptr; one program per (M tile, N tile).
 
@@ -93,27 +95,21 @@ def _switch_modulation_dx_kernel(
 
     U_GIVEN (the u pre-pass ran, `_u_prepass_kernel`): y_ptr holds u and dx_ptr dR * (1 + y);
     the main loop reads u as a plain operand (nothing computed between its load and the MMA) and
-    the epilogue adds the GEMM to dx."""
+    the epilogue adds the GEMM to dx. MERGED_AS_A: see `modulation_gemm`; with k >= 2 merged
+    experts only U_GIVEN keeps an MMA in flight on sm_90 (otherwise u, computed too, sits in
+    the one shared buffer), hence the pre-pass there (`u_prepass_enabled`)."""
     unit, tile_base, lm, mask_m, cols, mask_n = unit_row_tile(N_u, D, BLOCK_M, BLOCK_N)
-    in_ty = x_ptr.dtype.element_ty
     dr_tile = dr_ptr + tile_base
     x_tile = x_ptr + tile_base
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < D
-        a_offs = lm[:, None] * D + kk[None, :]
-        a_mask = mask_m[:, None] & mask_k[None, :]
-        if U_GIVEN:
-            u = tl.load(y_ptr + tile_base + a_offs, mask=a_mask, other=0.0)
-        else:
-            # u = dR * x on the fly, rounded to the input dtype as autograd's own product would be
-            u = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-                 * tl.load(x_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)).to(in_ty)
-        wt = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
-                              mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED, True)
-        acc = tl.dot(u, wt.to(in_ty), acc, input_precision=DOT_PRECISION)
+    if U_GIVEN:
+        acc = modulation_gemm(y_ptr + tile_base, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m,
+                              cols, mask_n, D, K_EXP, PREMERGED, True, False, MERGED_AS_A,
+                              DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = modulation_gemm(x_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m,
+                              cols, mask_n, D, K_EXP, PREMERGED, True, True, MERGED_AS_A,
+                              DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if K_EXP == 1 and not PREMERGED:
         acc = acc * tl.load(g_ptr + unit)
 
@@ -174,15 +170,31 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
         dr, x, weight, g, ids, y, dx, usum_part, rows_per_unit, dim,
         dx_usum_tiles(rows_per_unit),
         K_EXP=1 if premerged else k, PREMERGED=premerged, STORE_U=store_u and not u_given,
-        STORE_USUM=store_usum, U_GIVEN=u_given, DOT_PRECISION=dot_precision(x.dtype))
+        STORE_USUM=store_usum, U_GIVEN=u_given,
+        MERGED_AS_A=merged_as_register_operand(1 if premerged else k),
+        DOT_PRECISION=dot_precision(x.dtype))
 
 
-def u_prepass_enabled() -> bool:
-    """SWITCH_DIT_SMOD_DX_PREPASS=1: the backward forms u = dR * x (and its per-unit sums) in a
-    separate elementwise pass, so the dx GEMM reads u as a plain pipelined operand. Opt-in until a
-    GPU run times it against the fused u (which the Triton 3.6 sm_90 code serialises: only
-    wgmma.wait_group 0, or ptxas C7515, in every dx variant)."""
-    return os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS", "0") == "1"
+def u_prepass_enabled(k_merged: int, gluon_dx: bool = False) -> bool:
+    """Whether the backward forms u = dR * x (and its per-unit sums) in a separate elementwise pass,
+    so the dx GEMM reads u as a plain pipelined operand.
+
+    SWITCH_DIT_SMOD_DX_PREPASS=1 always, =0 never, unset ("auto"): where the dx kernel would
+    otherwise wait for every wgmma, i.e. on sm_90 with k_merged >= 2 experts merged on chip (the
+    merged W~ chunk and u would both be computed operands, and one of them sits in the single
+    shared buffer the pending wgmma reads: Triton 3.6 emits wait_group 0). With one expert chunk
+    (k = 1, shared routing's premerged W~) the fused u keeps an MMA in flight and costs no extra
+    pass. gluon_dx: the opt-in Gluon dx runs, whose own ring keeps the MMA in flight with the
+    fused u. The pass reads dR, x, y and writes u and dR * (1 + y): about two x-sized round trips
+    more than the fused u; a GPU run weighs that against the serialised loop
+    (`benchmarks.decide`)."""
+    value = os.environ.get("SWITCH_DIT_SMOD_DX_PREPASS", "auto")
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"SWITCH_DIT_SMOD_DX_PREPASS must be 0, 1 or auto, got {value!r}")
+    if value != "auto":
+        return value == "1"
+    return (k_merged >= 2 and not gluon_dx
+            and tuning.generation(tuning.target_capability()) == "hopper")
 
 
 @triton.jit
@@ -623,9 +635,12 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     # (per-M-tile partials), the pre-pass, or the u-only pass; never by the dW kernel.
     usum = None
     need_usum = need_params and bias is not None
-    prepass = u_prepass_enabled() and rows > 0 and (need_dx or need_params)
     if need_dx:
         dx = dx_out if dx_out is not None else torch.empty_like(x)
+    k_merged = 1 if shared else k
+    gluon_dx = need_dx and switch_modulation_gluon.gluon_applies(k_merged, True, x, dr, weight, y,
+                                                                 dx)
+    prepass = u_prepass_enabled(k_merged, gluon_dx) and rows > 0 and (need_dx or need_params)
     if prepass:
         # u over y, dR * (1 + y) into dx, the per-unit sums of u: one pass.
         usum = (torch.empty(num_units, dim, device=x.device, dtype=torch.float32)

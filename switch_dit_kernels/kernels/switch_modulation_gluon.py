@@ -1,10 +1,12 @@
 """Gluon (sm_90) twins of the Switch-DiT forward and dx kernels: the W~ merge overlaps the wgmma.
 
-Why a second implementation: plain Triton 3.6 cannot keep a tensor-core MMA in flight while the
-next K step's W~ chunk is merged on the CUDA cores. The merged chunk is computed (not loaded), so
-Triton's pipeliner stores it into one single-buffered shared tile and waits for every wgmma
-(`wgmma.wait_group 0`) before overwriting it; feeding it as the register operand instead is
-serialised by ptxas (C7515). Gluon writes the pipeline by hand:
+Why a second implementation: with the merged W~ chunk as the MMA's shared operand, Triton 3.6
+stores it into one single-buffered shared tile and waits for every wgmma (`wgmma.wait_group 0`)
+before overwriting it. The Triton kernels now avoid that by making the merged chunk the register
+operand (`switch_modulation.modulation_gemm`; what was first read as ptxas serialising that form,
+C7515, was the loop's zero-trip path), but the dx with k >= 2 then needs the u pre-pass (u and W~
+are both computed). Gluon writes the pipeline by hand, double-buffering whatever is computed, so
+its dx keeps the fused u; a GPU run decides which is faster:
 
     ring of STAGES (3-6) shared slots, by cp.async:   x chunk [BM, BK] + k expert chunks [BK, BN]
     two merged buffers w~[0], w~[1] [BK, BN]
