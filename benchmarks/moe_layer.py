@@ -24,7 +24,8 @@ Implementations (``--impls``, comma-separated; "default" or "all"):
   switch_modulation_triton_fused_u the same with SWITCH_DIT_SMOD_DX_PREPASS=0: u = dR * x formed
                                    in the dx GEMM's loop (what sm_90's default pre-pass replaced)
   switch_modulation_triton_merged_b ... and SWITCH_DIT_SMOD_MERGED_OPERAND=b: the merged W~ chunk
-                                   as the MMA's shared operand (the kernels before 2026-12-01)
+                                   as the MMA's shared operand (the only orientation until
+                                   2026-12-01: with the fused u, the kernels as they were)
   switch_modulation_gluon          the same with SWITCH_DIT_SMOD_GLUON=1: the sm_90 Gluon forward
                                    and dx (merge overlapped with the wgmma; error row elsewhere)
   switch_modulation_gluon_256x64   ... with SWITCH_DIT_SMOD_GLUON_TILE=256,64,32,6 (forward tile of

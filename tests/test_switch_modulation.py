@@ -322,13 +322,15 @@ def test_gpu_matches_reference_bf16(routing):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("operand,prepass", [("a", "auto"), ("a", "0"), ("b", "0")])
-def test_gpu_merged_operand_and_prepass_bf16(monkeypatch, operand, prepass):
-    # the default (on sm_90: the pre-pass and the merged chunk as operand A) and the two opt-outs
+@pytest.mark.parametrize("shape", [(6, 256, 384), (5, 197, 200)])   # DiT-S/2; odd N and D
+@pytest.mark.parametrize("operand,prepass", [("auto", "auto"), ("a", "0"), ("b", "0"),
+                                             ("b", "1")])
+def test_gpu_merged_operand_and_prepass_bf16(monkeypatch, shape, operand, prepass):
+    # the default (on sm_90: the pre-pass and the merged chunk as operand A) and the opt-outs
     # a GPU run times against it (benchmarks.decide)
     monkeypatch.setenv("SWITCH_DIT_SMOD_MERGED_OPERAND", operand)
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", prepass)
-    x, weight, b, weights, ids = make_inputs(6, 256, 384, 3, 2, dtype=torch.bfloat16, device="cuda")
+    x, weight, b, weights, ids = make_inputs(*shape, 3, 2, dtype=torch.bfloat16, device="cuda")
     check_against_reference(x, weight, b, weights, ids, torch.bfloat16)
 
 
@@ -526,10 +528,25 @@ def test_merged_operand_orientations_match_reference(monkeypatch, batch, tokens,
     assert dx.launches and all(launch["U_GIVEN"] == (prepass == "1") for launch in dx.launches)
 
 
-@pytest.mark.parametrize("k,routing,expect", [(1, "random", False), (2, "shared", False)])
-def test_one_expert_chunk_keeps_the_merged_operand_in_shared_memory(monkeypatch, k, routing,
-                                                                    expect):
-    # Nothing is merged with one expert chunk (k = 1; shared routing runs on the premerged W~).
+@pytest.fixture
+def on_hopper(monkeypatch):
+    """The launch-time GPU generation read as sm_90 (the interpreter still runs the kernels)."""
+    from switch_dit_kernels.kernels import tuning
+    monkeypatch.setattr(tuning, "target_capability", lambda: 90)
+    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+    monkeypatch.delenv("SWITCH_DIT_SMOD_MERGED_OPERAND", raising=False)
+
+
+@pytest.mark.parametrize("cc,k,routing,expect", [
+    (90, 2, "random", True),     # sm_90, k >= 2 merged on chip: operand A
+    (90, 1, "random", False),    # one expert chunk is loaded, not merged
+    (90, 2, "shared", False),    # shared routing runs on the premerged W~
+    (80, 2, "random", False),    # mma.sync: the orientation the kernels always had
+    (None, 2, "random", False),  # no GPU (the interpreter)
+])
+def test_merged_operand_default_per_generation(monkeypatch, cc, k, routing, expect):
+    from switch_dit_kernels.kernels import tuning
+    monkeypatch.setattr(tuning, "target_capability", lambda: cc)
     monkeypatch.delenv("SWITCH_DIT_SMOD_MERGED_OPERAND", raising=False)
     fwd, dx = spy_kernels(monkeypatch)
     x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, k, routing=routing)
@@ -538,12 +555,24 @@ def test_one_expert_chunk_keeps_the_merged_operand_in_shared_memory(monkeypatch,
     assert all(launch["MERGED_AS_A"] is expect for launch in fwd.launches + dx.launches)
 
 
-@pytest.fixture
-def on_hopper(monkeypatch):
-    """The launch-time GPU generation read as sm_90 (the interpreter still runs the kernels)."""
-    from switch_dit_kernels.kernels import tuning
-    monkeypatch.setattr(tuning, "target_capability", lambda: 90)
-    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+@pytest.mark.parametrize("tile", [(16, 32, 16), (32, 16, 32)])
+@pytest.mark.parametrize("operand,prepass", [("a", "1"), ("a", "0"), ("b", "0")])
+def test_non_square_tiles_match_reference(monkeypatch, tile, operand, prepass):
+    # The interpreter's one config is square (32x32x16), so a BLOCK_M / BLOCK_N mix-up in the
+    # transposed (MERGED_AS_A) loop or its epilogue would pass every other test here. One
+    # non-square config each way; N = 37 and D = 40 leave partial tiles in both directions.
+    import triton
+    from switch_dit_kernels.kernels import switch_modulation as sm
+    from switch_dit_kernels.kernels import switch_modulation_bwd as smb
+    bm, bn, bk = tile
+    config = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4,
+                            num_stages=1)]
+    monkeypatch.setattr(sm._switch_modulation_fwd_kernel, "configs", config)
+    monkeypatch.setattr(smb._switch_modulation_dx_kernel, "configs", config)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_MERGED_OPERAND", operand)
+    monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", prepass)
+    x, weight, b, weights, ids = make_inputs(3, 37, 40, 3, 2)
+    check_against_reference(x, weight, b, weights, ids, torch.float32)
 
 
 @pytest.mark.parametrize("k,routing,prepass", [
@@ -558,9 +587,14 @@ def test_u_prepass_is_the_sm90_default_where_the_dx_would_serialise(monkeypatch,
     calls = []
     real = smb.launch_u_prepass
     monkeypatch.setattr(smb, "launch_u_prepass", lambda *a: calls.append(1) or real(*a))
+    fwd, dx = spy_kernels(monkeypatch)
     x, weight, b, weights, ids = make_inputs(3, 21, 40, 3, k, routing=routing)
     check_against_reference(x, weight, b, weights, ids, torch.float32)
     assert bool(calls) is prepass
+    assert all(launch["U_GIVEN"] is prepass for launch in dx.launches)
+    # the sm_90 default: the merged chunk as operand A wherever experts are merged on chip
+    merged = k >= 2 and routing != "shared"
+    assert all(launch["MERGED_AS_A"] is merged for launch in fwd.launches + dx.launches)
 
 
 def test_u_prepass_policy(monkeypatch):

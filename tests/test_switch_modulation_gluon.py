@@ -116,6 +116,30 @@ def test_tile_override(monkeypatch):
             sg.gluon_tile(1, False)
 
 
+def test_gluon_dx_keeps_the_fused_u_on_sm90(monkeypatch):
+    # On sm_90 the backward forms u in a pre-pass for k >= 2 (the Triton dx would wait for every
+    # wgmma), but not where the Gluon dx runs: its own ring keeps the MMA in flight with the
+    # fused u, and a pre-pass would only add two x-sized round trips.
+    from switch_dit_kernels.kernels import tuning
+    monkeypatch.setattr(tuning, "target_capability", lambda: 90)
+    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+    dx_calls, prepass_calls = [], []
+    monkeypatch.setattr(sg, "gluon_applies", lambda k_loads, forms_u, *tensors: True)
+    monkeypatch.setattr(sg, "launch_dx_gluon", lambda *a, **kw: dx_calls.append(kw))
+    real = smod_bwd.launch_u_prepass
+    monkeypatch.setattr(smod_bwd, "launch_u_prepass",
+                        lambda *a: prepass_calls.append(1) or real(*a))
+    x, weight, b, weights, ids = make_inputs(3, 8, 16, 3, 2)
+    smod_bwd.switch_modulation_bwd(torch.randn_like(x), x, weight, b, weights, ids,
+                                   torch.randn_like(x))
+    assert len(dx_calls) == 1 and not dx_calls[0]["u_given"] and not prepass_calls
+    # the same call without the Gluon dx takes the pre-pass
+    monkeypatch.setattr(sg, "gluon_applies", lambda k_loads, forms_u, *tensors: False)
+    smod_bwd.switch_modulation_bwd(torch.randn_like(x), x, weight, b, weights, ids,
+                                   torch.randn_like(x))
+    assert prepass_calls and len(dx_calls) == 1
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_launchers_route_to_gluon_with_the_same_arguments(monkeypatch, shared):
     # The forward and dx launchers hand the Gluon twin exactly what the Triton kernel would get.

@@ -6,8 +6,9 @@ For sample b with experts e_j and gate weights g_j (j < k), the k linear experts
     r_b = x_b * (1 + y_b)
 
 so the layer is one GEMM per sample, not k. The kernel never writes a W~_b: each program forms the
-[BLOCK_K, BLOCK_N] chunk of W~_b it needs from the k expert chunks (fp32 sum, cast to the input dtype,
-then tl.dot with fp32 accumulation) and fuses r = x * (1 + acc + b~) into the epilogue.
+[BLOCK_K, BLOCK_N] chunk of W~_b it needs (on sm_90 its transpose, see `modulation_gemm`) from the
+k expert chunks (fp32 sum, cast to the input dtype, then tl.dot with fp32 accumulation) and fuses
+r = x * (1 + acc + b~) into the epilogue.
 
 Work (M = B*N rows): B*N*D*D MACs on the tensor cores (one dense Linear(D, D)) plus the W~ formation,
 k*BLOCK_K*BLOCK_N FMAs per program per K step = k/BLOCK_M of the MACs (k=2, BLOCK_M=128: 1.6 %),
@@ -174,18 +175,19 @@ def unit_row_tile(N_u, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows_k, cols_n, mask, D,
+def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows, cols, mask, D,
                      K_EXP: tl.constexpr, PREMERGED: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """A [len(rows_k), len(cols_n)] chunk of W~ (or W~^T when TRANSPOSE) in W's dtype.
+    """The [len(rows), len(cols)] chunk of W~ (chunk[i, j] = W~[rows[i], cols[j]]), or of W~^T
+    when TRANSPOSE (chunk[i, j] = W~[cols[j], rows[i]]), in W's dtype; mask [len(rows), len(cols)].
 
     W~ = sum_j g_j W_ej summed in fp32 over the k expert chunks, then cast once to the input dtype
     (the operand tl.dot runs on). k = 1 and PREMERGED load the chunk as is: k = 1 scales the
     accumulator by g instead (exact in fp32), PREMERGED weights are W~ already.
     """
     if TRANSPOSE:
-        offs = cols_n[None, :] * D + rows_k[:, None]  # chunk[kk, nn] = W[nn, kk]
+        offs = cols[None, :] * D + rows[:, None]
     else:
-        offs = rows_k[:, None] * D + cols_n[None, :]
+        offs = rows[:, None] * D + cols[None, :]
     if PREMERGED or K_EXP == 1:
         if PREMERGED:
             base = w_ptr
@@ -256,15 +258,20 @@ def modulation_gemm(a_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, co
 
 def merged_as_register_operand(k_merged: int) -> bool:
     """Whether the forward / dx kernel makes the merged W~ chunk the MMA's register operand
-    (`modulation_gemm`'s MERGED_AS_A): with k_merged >= 2 experts merged on chip, unless
-    SWITCH_DIT_SMOD_MERGED_OPERAND=b asks for the previous orientation (the merged chunk in shared
-    memory; serialised on sm_90) to time against. With one expert chunk nothing is merged: no."""
-    value = os.environ.get("SWITCH_DIT_SMOD_MERGED_OPERAND", "a")
-    if value not in ("a", "b"):
+    (`modulation_gemm`'s MERGED_AS_A). Only with k_merged >= 2 experts merged on chip (one chunk
+    is loaded, not merged: no). SWITCH_DIT_SMOD_MERGED_OPERAND=a always, =b never (the merged
+    chunk as the shared operand, serialised on sm_90: to time against), unset ("auto"): on sm_90,
+    where the gate shows the wgmma kept in flight that way; elsewhere (mma.sync, where both
+    operands go through shared memory either way, and the interpreter) the orientation the
+    kernels always had."""
+    value = os.environ.get("SWITCH_DIT_SMOD_MERGED_OPERAND", "auto")
+    if value not in ("a", "b", "auto"):
         raise ValueError(f"SWITCH_DIT_SMOD_MERGED_OPERAND must be 'a' (the merged W~ chunk is the "
-                         f"MMA's register operand, the default) or 'b' (its shared operand), "
-                         f"got {value!r}")
-    return k_merged >= 2 and value == "a"
+                         f"MMA's register operand), 'b' (its shared operand) or 'auto' (a on "
+                         f"sm_90), got {value!r}")
+    if k_merged < 2 or value == "b":
+        return False
+    return value == "a" or tuning.generation(tuning.target_capability()) == "hopper"
 
 
 @triton.jit

@@ -10,7 +10,10 @@ With dR the incoming gradient and u = dR * x (the gradient with respect to y):
     db_e   = sum_b g_be s_b
 
 Work, B*N*D*D MACs = one dense Linear(D, D):
-- dx kernel: 1 GEMM + the same on-chip W~ formation as the forward (k/BLOCK_M of the MACs).
+- dx kernel: 1 GEMM + the same on-chip W~ formation as the forward (k/BLOCK_M of the MACs). It
+  forms u = dR * x on the fly, except on sm_90 with k >= 2 (`u_prepass_enabled`): there an
+  elementwise pre-pass writes u (and dR * (1 + y), and the column sums of u) first, about two
+  x-sized memory round trips more, so that only W~ is computed inside the GEMM's loop.
 - dW kernel: 1 GEMM for k <= 4, whatever E (ceil(k/4) GEMMs beyond). Each program owns one
   [BLOCK_I, BLOCK_J] tile of the D x D grid and a contiguous range ("split") of the samples, sorted
   by their expert tuple (e_b0..e_b,k-1). Per sample it computes the P_b tile once
@@ -36,8 +39,8 @@ Work, B*N*D*D MACs = one dense Linear(D, D):
   bit-identical run to run. No float atomics anywhere.
 Total: about 2 dense GEMMs of MACs for the backward, independent of k and E.
 
-Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel overwrites it in place
-with u (each program reads its y tile, then writes u to the same tile), so the backward allocates
+Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel (or the pre-pass)
+overwrites it in place with u (each program reads its y tile, then writes u to it), so the backward allocates
 no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 16 splits, see choose_splits) +
 [B, k, tiles] and [B, D] fp32.
 
