@@ -42,11 +42,11 @@ DECISIONS = [
     # which differs from merged_b in the orientation only (both SWITCH_DIT_SMOD_DX_PREPASS=0).
     Decision("merged W~ chunk back to the shared operand (forward)", "moe_layer",
              "switch_modulation_triton_merged_b", "switch_modulation_triton", ("forward",),
-             "merged_as_register_operand(): auto -> 'b' on sm_90 too"),
+             "merged_as_register_operand(): default 'b' (on sm_90)"),
     Decision("merged W~ chunk back to the shared operand (fused u, fwd+bwd)", "moe_layer",
              "switch_modulation_triton_merged_b", "switch_modulation_triton_fused_u",
              ("forward+backward",),
-             "merged_as_register_operand(): auto -> 'b' on sm_90 too (with the fused u)"),
+             "merged_as_register_operand(): default 'b' (on sm_90, with the fused u)"),
     Decision("fused u instead of the sm_90 u pre-pass", "moe_layer",
              "switch_modulation_triton_fused_u", "switch_modulation_triton", ("forward+backward",),
              "u_prepass_enabled(): auto -> off on sm_90 (the dx then waits for every wgmma)"),

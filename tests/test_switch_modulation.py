@@ -537,20 +537,22 @@ def on_hopper(monkeypatch):
     monkeypatch.delenv("SWITCH_DIT_SMOD_MERGED_OPERAND", raising=False)
 
 
-@pytest.mark.parametrize("cc,k,routing,expect", [
-    (90, 2, "random", True),     # sm_90, k >= 2 merged on chip: operand A
-    (90, 1, "random", False),    # one expert chunk is loaded, not merged
-    (90, 2, "shared", False),    # shared routing runs on the premerged W~
-    (80, 2, "random", False),    # mma.sync: the orientation the kernels always had
-    (None, 2, "random", False),  # no GPU (the interpreter)
+@pytest.mark.parametrize("cc,k,routing,dtype,expect", [
+    (90, 2, "random", torch.float16, True),      # sm_90, k >= 2 merged on chip: operand A
+    (90, 2, "random", torch.float32, True),      # IEEE float32 (FMA dots) too
+    (90, 1, "random", torch.float16, False),     # one expert chunk is loaded, not merged
+    (90, 2, "shared", torch.float16, False),     # shared routing runs on the premerged W~
+    (80, 2, "random", torch.float16, True),      # mma.sync
+    (None, 2, "random", torch.float32, True),    # no GPU (the interpreter)
 ])
-def test_merged_operand_default_per_generation(monkeypatch, cc, k, routing, expect):
+def test_merged_operand_default_per_generation(monkeypatch, cc, k, routing, dtype, expect):
     from switch_dit_kernels.kernels import tuning
     monkeypatch.setattr(tuning, "target_capability", lambda: cc)
     monkeypatch.delenv("SWITCH_DIT_SMOD_MERGED_OPERAND", raising=False)
+    monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
     fwd, dx = spy_kernels(monkeypatch)
-    x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, k, routing=routing)
-    check_against_reference(x, weight, b, weights, ids, torch.float32)
+    x, weight, b, weights, ids = make_inputs(2, 16, 24, 3, k, routing=routing, dtype=dtype)
+    check_against_reference(x, weight, b, weights, ids, dtype)
     assert fwd.launches and dx.launches
     assert all(launch["MERGED_AS_A"] is expect for launch in fwd.launches + dx.launches)
 
@@ -588,8 +590,10 @@ def test_u_prepass_is_the_sm90_default_where_the_dx_would_serialise(monkeypatch,
     real = smb.launch_u_prepass
     monkeypatch.setattr(smb, "launch_u_prepass", lambda *a: calls.append(1) or real(*a))
     fwd, dx = spy_kernels(monkeypatch)
-    x, weight, b, weights, ids = make_inputs(3, 21, 40, 3, k, routing=routing)
-    check_against_reference(x, weight, b, weights, ids, torch.float32)
+    # float16: a dtype whose dots issue wgmma on sm_90 (IEEE float32 would not; see below)
+    x, weight, b, weights, ids = make_inputs(3, 21, 40, 3, k, routing=routing,
+                                             dtype=torch.float16)
+    check_against_reference(x, weight, b, weights, ids, torch.float16)
     assert bool(calls) is prepass
     assert all(launch["U_GIVEN"] is prepass for launch in dx.launches)
     # the sm_90 default: the merged chunk as operand A wherever experts are merged on chip
@@ -601,19 +605,31 @@ def test_u_prepass_policy(monkeypatch):
     from switch_dit_kernels.kernels import switch_modulation_bwd as smb
     from switch_dit_kernels.kernels import tuning
     monkeypatch.delenv("SWITCH_DIT_SMOD_DX_PREPASS", raising=False)
+    bf16, fp32 = torch.bfloat16, torch.float32
     for cc, want in [(None, False), (80, False), (90, True)]:
         monkeypatch.setattr(tuning, "target_capability", lambda cc=cc: cc)
-        assert smb.u_prepass_enabled(2) is want, cc
-        assert smb.u_prepass_enabled(1) is False
+        assert smb.u_prepass_enabled(2, bf16) is want, cc
+        assert smb.u_prepass_enabled(2, torch.float16) is want, cc
+        assert smb.u_prepass_enabled(1, bf16) is False
         # the opt-in Gluon dx keeps its MMA in flight with the fused u
-        assert smb.u_prepass_enabled(2, gluon_dx=True) is False
+        assert smb.u_prepass_enabled(2, bf16, gluon_dx=True) is False
+        # IEEE float32 (torch's default) and float64 dots run on FMA / DMMA: no wgmma to keep
+        assert smb.u_prepass_enabled(2, torch.float64) is False
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            assert smb.u_prepass_enabled(2, fp32) is False
+            torch.backends.cuda.matmul.allow_tf32 = True
+            assert smb.u_prepass_enabled(2, fp32) is want, cc     # TF32: wgmma
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "0")
-    assert smb.u_prepass_enabled(2) is False
+    assert smb.u_prepass_enabled(2, bf16) is False
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "1")
-    assert smb.u_prepass_enabled(1) is True
+    assert smb.u_prepass_enabled(1, fp32) is True
     monkeypatch.setenv("SWITCH_DIT_SMOD_DX_PREPASS", "yes")
     with pytest.raises(ValueError, match="SWITCH_DIT_SMOD_DX_PREPASS"):
-        smb.u_prepass_enabled(2)
+        smb.u_prepass_enabled(2, bf16)
 
 
 def test_bad_merged_operand_knob_names_itself(monkeypatch):

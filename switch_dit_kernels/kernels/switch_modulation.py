@@ -6,7 +6,7 @@ For sample b with experts e_j and gate weights g_j (j < k), the k linear experts
     r_b = x_b * (1 + y_b)
 
 so the layer is one GEMM per sample, not k. The kernel never writes a W~_b: each program forms the
-[BLOCK_K, BLOCK_N] chunk of W~_b it needs (on sm_90 its transpose, see `modulation_gemm`) from the
+[BLOCK_K, BLOCK_N] chunk of W~_b it needs (as its transpose, see `modulation_gemm`) from the
 k expert chunks (fp32 sum, cast to the input dtype, then tl.dot with fp32 accumulation) and fuses
 r = x * (1 + acc + b~) into the epilogue.
 
@@ -15,7 +15,8 @@ k*BLOCK_K*BLOCK_N FMAs per program per K step = k/BLOCK_M of the MACs (k=2, BLOC
 but on the CUDA cores, ~15x slower per op than the tensor cores: up to ~25 % of the GEMM's time
 where it does not overlap, hence BLOCK_M=128 and the premerged shared path. On sm_90 it overlaps:
 the merged chunk is the MMA's register operand (`modulation_gemm`), so the wgmma of K step i is
-still in flight while step i + 1 merges. k = 1 skips it (the accumulator is scaled by g). Expert tiles come from L2 (E*D*D*2 bytes = 8 MB at E=3, D=1152).
+still in flight while step i + 1 merges. k = 1 skips it (the accumulator is scaled by g). Expert
+tiles come from L2 (E*D*D*2 bytes = 8 MB at E=3, D=1152).
 Memory: reads x once (+ the epilogue's x tile, an L2 hit), writes r; in training (x needing a gradient)
 also y, one x-sized tensor: the backward's only saved activation.
 
@@ -144,6 +145,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # Triton's default; ignored for 16-bit operands
 
 
+def issues_wgmma(dtype: torch.dtype) -> bool:
+    """Whether the forward / dx dots on `dtype` inputs run on sm_90's tensor cores (wgmma): 16-bit
+    inputs, or float32 as TF32 (torch.backends.cuda.matmul.allow_tf32). IEEE float32 (PyTorch's
+    default) and float64 compile to FMA / DMMA, which have no MMA to keep in flight."""
+    return dtype in (torch.float16, torch.bfloat16) or (
+        dtype == torch.float32 and dot_precision(dtype) == "tf32")
+
+
 def unit_tile_grid(num_units: int, rows_per_unit: int, dim: int):
     """Launch grid of the kernels that start with `unit_row_tile`: one program per (M tile, N tile),
     M tiles counted per unit so that no tile straddles two units."""
@@ -203,6 +212,39 @@ def load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, rows, cols, mask, D,
 
 
 @triton.jit
+def _modulation_gemm_step(acc, kk, a_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, cols,
+                          mask_n, D, K_EXP: tl.constexpr, PREMERGED: tl.constexpr,
+                          W_TRANSPOSED: tl.constexpr, FORM_U: tl.constexpr,
+                          MERGED_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K step (columns kk) of `modulation_gemm`: acc (acc^T when MERGED_AS_A) += the chunk's
+    product."""
+    in_ty = a_tile.dtype.element_ty
+    mask_k = kk < D
+    if MERGED_AS_A:
+        a_offs = lm[None, :] * D + kk[:, None]
+        a_mask = mask_m[None, :] & mask_k[:, None]
+    else:
+        a_offs = lm[:, None] * D + kk[None, :]
+        a_mask = mask_m[:, None] & mask_k[None, :]
+    a = tl.load(a_tile + a_offs, mask=a_mask, other=0.0)
+    if FORM_U:
+        a = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
+             * a.to(tl.float32)).to(in_ty)
+    if MERGED_AS_A:
+        # [BLOCK_N, BLOCK_K]: W~^T chunk for the forward, W~ chunk for the dx
+        w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, cols, kk,
+                             mask_n[:, None] & mask_k[None, :], D, K_EXP, PREMERGED,
+                             not W_TRANSPOSED)
+        acc = tl.dot(w.to(in_ty), a, acc, input_precision=DOT_PRECISION)
+    else:
+        w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
+                             mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED,
+                             W_TRANSPOSED)
+        acc = tl.dot(a, w.to(in_ty), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def modulation_gemm(a_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, cols, mask_n, D,
                     K_EXP: tl.constexpr, PREMERGED: tl.constexpr, W_TRANSPOSED: tl.constexpr,
                     FORM_U: tl.constexpr, MERGED_AS_A: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -218,60 +260,50 @@ def modulation_gemm(a_tile, dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, co
     off) Triton stores it to one shared buffer the pending wgmma still reads, and waits for every
     wgmma (wait_group 0). The transposed accumulator costs one layout change after the loop.
     """
-    in_ty = a_tile.dtype.element_ty
     if MERGED_AS_A:
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # At least one step, counted: a `range(0, D, BLOCK_K)` loop may run zero times as far as the
-    # compiler knows, and its separate zero-trip path sets the accumulator with movs where the
-    # loop's last wgmma is still in flight: ptxas then serialised the whole wgmma chain (C7515,
-    # Triton 3.6 sm_90 bf16, e.g. the dx with u = dR * x and its column sums, every tile). D >= 1.
-    for step in range(0, tl.maximum(tl.cdiv(D, BLOCK_K), 1)):
-        kk = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = kk < D
-        if MERGED_AS_A:
-            a_offs = lm[None, :] * D + kk[:, None]
-            a_mask = mask_m[None, :] & mask_k[:, None]
-        else:
-            a_offs = lm[:, None] * D + kk[None, :]
-            a_mask = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(a_tile + a_offs, mask=a_mask, other=0.0)
-        if FORM_U:
-            a = (tl.load(dr_tile + a_offs, mask=a_mask, other=0.0).to(tl.float32)
-                 * a.to(tl.float32)).to(in_ty)
-        if MERGED_AS_A:
-            # [BLOCK_N, BLOCK_K]: W~^T chunk for the forward, W~ chunk for the dx
-            w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, cols, kk,
-                                 mask_n[:, None] & mask_k[None, :], D, K_EXP, PREMERGED,
-                                 not W_TRANSPOSED)
-            acc_t = tl.dot(w.to(in_ty), a, acc_t, input_precision=DOT_PRECISION)
-        else:
-            w = load_merged_tile(w_ptr, ids_ptr, g_ptr, unit, kk, cols,
-                                 mask_k[:, None] & mask_n[None, :], D, K_EXP, PREMERGED,
-                                 W_TRANSPOSED)
-            acc = tl.dot(a, w.to(in_ty), acc, input_precision=DOT_PRECISION)
+    if DOT_PRECISION == "ieee":
+        # IEEE float32: FMA dots, no wgmma. The counted loop below made ptxas keep the fp32
+        # accumulator in local memory here (Triton 3.6 sm_90, k = 1, 128x128x64 w8: 5.6 KB of stack
+        # and 32 registers, against 24 B with this loop).
+        for k0 in range(0, D, BLOCK_K):
+            acc = _modulation_gemm_step(acc, k0 + tl.arange(0, BLOCK_K), a_tile, dr_tile, w_ptr,
+                                        ids_ptr, g_ptr, unit, lm, mask_m, cols, mask_n, D, K_EXP,
+                                        PREMERGED, W_TRANSPOSED, FORM_U, MERGED_AS_A,
+                                        DOT_PRECISION)
+    else:
+        # At least one step, counted: a `range(0, D, BLOCK_K)` loop may run zero times as far as
+        # the compiler knows, and its separate zero-trip path sets the accumulator with movs
+        # where the loop's last wgmma is still in flight: ptxas then serialised the whole wgmma
+        # chain (C7515, Triton 3.6 sm_90 bf16, e.g. the dx with u = dR * x and its column sums,
+        # every tile). D >= 1.
+        for step in range(0, tl.maximum(tl.cdiv(D, BLOCK_K), 1)):
+            acc = _modulation_gemm_step(acc, step * BLOCK_K + tl.arange(0, BLOCK_K), a_tile,
+                                        dr_tile, w_ptr, ids_ptr, g_ptr, unit, lm, mask_m, cols,
+                                        mask_n, D, K_EXP, PREMERGED, W_TRANSPOSED, FORM_U,
+                                        MERGED_AS_A, DOT_PRECISION)
     if MERGED_AS_A:
-        acc = tl.trans(acc_t)
+        acc = tl.trans(acc)
     return acc
 
 
 def merged_as_register_operand(k_merged: int) -> bool:
     """Whether the forward / dx kernel makes the merged W~ chunk the MMA's register operand
-    (`modulation_gemm`'s MERGED_AS_A). Only with k_merged >= 2 experts merged on chip (one chunk
-    is loaded, not merged: no). SWITCH_DIT_SMOD_MERGED_OPERAND=a always, =b never (the merged
-    chunk as the shared operand, serialised on sm_90: to time against), unset ("auto"): on sm_90,
-    where the gate shows the wgmma kept in flight that way; elsewhere (mma.sync, where both
-    operands go through shared memory either way, and the interpreter) the orientation the
-    kernels always had."""
-    value = os.environ.get("SWITCH_DIT_SMOD_MERGED_OPERAND", "auto")
-    if value not in ("a", "b", "auto"):
+    (`modulation_gemm`'s MERGED_AS_A): whenever k_merged >= 2 experts are merged on chip (one
+    chunk is loaded, not merged: no), unless SWITCH_DIT_SMOD_MERGED_OPERAND=b asks for the other
+    orientation (the merged chunk as the shared operand: the only one until 2026-12-01) to time
+    against. The compiled code favours `a` everywhere it was read (Triton 3.6, forward k = 2):
+    sm_90 bf16 keeps the wgmma in flight (b: wait_group 0); IEEE float32 (FMA dots) keeps its
+    accumulator in registers on sm_90 and sm_80 (b: 5-12 KB of local memory, 32 registers);
+    sm_80 bf16 needs 109-188 registers against 159-255 (one b tile spills 8 B)."""
+    value = os.environ.get("SWITCH_DIT_SMOD_MERGED_OPERAND", "a")
+    if value not in ("a", "b"):
         raise ValueError(f"SWITCH_DIT_SMOD_MERGED_OPERAND must be 'a' (the merged W~ chunk is the "
-                         f"MMA's register operand), 'b' (its shared operand) or 'auto' (a on "
-                         f"sm_90), got {value!r}")
-    if k_merged < 2 or value == "b":
-        return False
-    return value == "a" or tuning.generation(tuning.target_capability()) == "hopper"
+                         f"MMA's register operand, the default) or 'b' (its shared operand), "
+                         f"got {value!r}")
+    return k_merged >= 2 and value == "a"
 
 
 @triton.jit

@@ -63,8 +63,9 @@ from . import switch_modulation_gluon, tuning
 from .buffers import new_buffer
 from .tuning import autotune_cache_enabled, autotuning_enabled, bench_unless_untuned
 from .switch_modulation import (
-    dot_precision, fwd_configs, is_shared_routing, merge_experts, merged_as_register_operand,
-    modulation_gemm, prepare_routing, prune_fwd_configs, unit_row_tile, unit_tile_grid,
+    dot_precision, fwd_configs, is_shared_routing, issues_wgmma, merge_experts,
+    merged_as_register_operand, modulation_gemm, prepare_routing, prune_fwd_configs, unit_row_tile,
+    unit_tile_grid,
 )
 
 
@@ -178,12 +179,13 @@ def launch_dx(dr, x, weight, g, ids, y, dx, rows_per_unit: int, *, premerged: bo
         DOT_PRECISION=dot_precision(x.dtype))
 
 
-def u_prepass_enabled(k_merged: int, gluon_dx: bool = False) -> bool:
+def u_prepass_enabled(k_merged: int, dtype: torch.dtype, gluon_dx: bool = False) -> bool:
     """Whether the backward forms u = dR * x (and its per-unit sums) in a separate elementwise pass,
     so the dx GEMM reads u as a plain pipelined operand.
 
     SWITCH_DIT_SMOD_DX_PREPASS=1 always, =0 never, unset ("auto"): where the dx kernel would
-    otherwise wait for every wgmma, i.e. on sm_90 with k_merged >= 2 experts merged on chip (the
+    otherwise wait for every wgmma, i.e. on sm_90 with wgmma dots (16-bit or TF32 `dtype`,
+    `issues_wgmma`) and k_merged >= 2 experts merged on chip (the
     merged W~ chunk and u would both be computed operands, and one of them sits in the single
     shared buffer the pending wgmma reads: Triton 3.6 emits wait_group 0). With one expert chunk
     (k = 1, shared routing's premerged W~) the fused u keeps an MMA in flight and costs no extra
@@ -196,7 +198,7 @@ def u_prepass_enabled(k_merged: int, gluon_dx: bool = False) -> bool:
         raise ValueError(f"SWITCH_DIT_SMOD_DX_PREPASS must be 0, 1 or auto, got {value!r}")
     if value != "auto":
         return value == "1"
-    return (k_merged >= 2 and not gluon_dx
+    return (k_merged >= 2 and not gluon_dx and issues_wgmma(dtype)
             and tuning.generation(tuning.target_capability()) == "hopper")
 
 
@@ -643,7 +645,8 @@ def switch_modulation_bwd(dr: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     k_merged = 1 if shared else k
     gluon_dx = need_dx and switch_modulation_gluon.gluon_applies(k_merged, True, x, dr, weight, y,
                                                                  dx)
-    prepass = u_prepass_enabled(k_merged, gluon_dx) and rows > 0 and (need_dx or need_params)
+    prepass = (u_prepass_enabled(k_merged, x.dtype, gluon_dx) and rows > 0
+               and (need_dx or need_params))
     if prepass:
         # u over y, dR * (1 + y) into dx, the per-unit sums of u: one pass.
         usum = (torch.empty(num_units, dim, device=x.device, dtype=torch.float32)
