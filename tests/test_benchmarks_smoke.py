@@ -204,7 +204,8 @@ def test_decide_reads_one_runs_json(tmp_path):
              for m in ("forward", "forward+backward")]
     rows += [row("switch_modulation_gluon_256x64", "XL", "forward", 0.9),
              row("switch_modulation_gluon_256x64", "S", "forward", None, error="boom")]
-    rows += [row("switch_modulation_triton_fused_u", c, "forward+backward", 1.2) for c in ("XL", "S")]
+    rows += [row("switch_modulation_triton_fused_u", c, "forward+backward", 1.2)
+             for c in ("XL", "S")]
     path = tmp_path / "moe.json"
     path.write_text(json.dumps({"benchmark": "moe_layer", "rows": rows}))
     text = decide.report(decide.load_rows([str(path)]))

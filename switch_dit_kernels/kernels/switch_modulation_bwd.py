@@ -39,10 +39,10 @@ Work, B*N*D*D MACs = one dense Linear(D, D):
   bit-identical run to run. No float atomics anywhere.
 Total: about 2 dense GEMMs of MACs for the backward, independent of k and E.
 
-Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel (or the pre-pass)
-overwrites it in place with u (each program reads its y tile, then writes u to it), so the backward allocates
-no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 16 splits, see choose_splits) +
-[B, k, tiles] and [B, D] fp32.
+Memory: no B x D x D tensor exists. The forward saved y (x-sized); the dx kernel (or the
+pre-pass) overwrites it in place with u (each program reads its y tile, then writes u to it), so
+the backward allocates no second x-sized buffer: extra peak = y + S*E*D*D fp32 (S <= 16 splits,
+see choose_splits) + [B, k, tiles] and [B, D] fp32.
 
 One routing shared by the whole batch ([1, k]): dx runs on the premerged W~ as one dense GEMM over
 B*N rows; dW/dg treat the B*N rows as S "virtual units" of ceil(B*N/S) rows routed alike (one tuple,
