@@ -771,16 +771,18 @@ def launch_label(src, md) -> str:
     return f"[{'x'.join(tiles)} w{getattr(md, 'num_warps', '?')} s{getattr(md, 'num_stages', '?')}]"
 
 
-# A launch case whose name holds this runs an opt-out knob: serialised kernels of the names its
-# knob changes (OPT_OUT_KERNELS) are expected (printed, not gate failures); any other serialised
-# kernel, compile errors and spills still fail. Kernels compiled by an opt-out case are not marked
-# seen, so a default case compiling the same binary later still reads it.
-OPT_OUT = "[opt-out]"
-OPT_OUT_KERNELS = {
-    "switch_modulation k=2 fused-u [opt-out]": {"_switch_modulation_dx_kernel"},
-    "switch_modulation k=2 merged-b [opt-out]": {"_switch_modulation_fwd_kernel",
-                                                 "_switch_modulation_dx_kernel"},
-}
+# Launch cases that run an opt-out knob (`opt_out_case`), by name: the kernels whose serialised
+# code that knob is expected to give (printed, not gate failures); any other serialised kernel,
+# compile errors and spills still fail. Kernels compiled by an opt-out case are not marked seen,
+# so a default case compiling the same binary later still reads it.
+OPT_OUT_KERNELS = {}
+
+
+def opt_out_case(name: str, kernels, thunk):
+    """(name + " [opt-out]", thunk), registering the kernel names its knob serialises."""
+    name = f"{name} [opt-out]"
+    OPT_OUT_KERNELS[name] = set(kernels)
+    return name, thunk
 
 
 def launch_cases(dtype: torch.dtype):
@@ -850,24 +852,19 @@ def launch_cases(dtype: torch.dtype):
             def with_env(thunk, gluon=False, **env):
                 """Run thunk with environment knobs set; gluon: SWITCH_DIT_SMOD_GLUON=1 with
                 the CPU tensors taken for sm_90 ones (the stand-in driver compiles for sm_90)."""
+                from benchmarks.common import environ
                 from switch_dit_kernels.kernels import switch_modulation_gluon as smod_gluon
 
                 def run():
                     knobs = dict(env, **({"SWITCH_DIT_SMOD_GLUON": "1"} if gluon else {}))
-                    old = {key: os.environ.get(key) for key in knobs}
-                    os.environ.update(knobs)
                     is_sm90 = smod_gluon._is_sm90
                     if gluon:
                         smod_gluon._is_sm90 = lambda x: True
                     try:
-                        thunk()
+                        with environ(knobs):
+                            thunk()
                     finally:
                         smod_gluon._is_sm90 = is_sm90
-                        for key, value in old.items():
-                            if value is None:
-                                os.environ.pop(key)
-                            else:
-                                os.environ[key] = value
                 return run
 
             def with_prepass(thunk):
@@ -885,11 +882,14 @@ def launch_cases(dtype: torch.dtype):
                 ("switch_modulation k=1 E=3 u-prepass", with_prepass(smod(2, 256, 1152, 3, 1, False))),
                 ("switch_modulation shared u-prepass", with_prepass(smod(2, 256, 1152, 3, 2, True))),
                 # opt-outs kept to time against the defaults: serialised on sm_90 by design
-                (f"switch_modulation k=2 fused-u {OPT_OUT}",
-                 with_env(smod(2, 256, 1152, 3, 2, False), SWITCH_DIT_SMOD_DX_PREPASS="0")),
-                (f"switch_modulation k=2 merged-b {OPT_OUT}",
-                 with_env(smod(2, 256, 1152, 3, 2, False), SWITCH_DIT_SMOD_DX_PREPASS="0",
-                          SWITCH_DIT_SMOD_MERGED_OPERAND="b")),
+                opt_out_case("switch_modulation k=2 fused-u", ["_switch_modulation_dx_kernel"],
+                             with_env(smod(2, 256, 1152, 3, 2, False),
+                                      SWITCH_DIT_SMOD_DX_PREPASS="0")),
+                opt_out_case("switch_modulation k=2 merged-b",
+                             ["_switch_modulation_fwd_kernel", "_switch_modulation_dx_kernel"],
+                             with_env(smod(2, 256, 1152, 3, 2, False),
+                                      SWITCH_DIT_SMOD_DX_PREPASS="0",
+                                      SWITCH_DIT_SMOD_MERGED_OPERAND="b")),
             ]
             from switch_dit_kernels.kernels.switch_modulation_gluon import gluon_supported
             if gluon_supported() and dtype in (torch.float16, torch.bfloat16):
@@ -930,60 +930,61 @@ def run_launch_check(args) -> int:
             if not wanted or any(w in name for w in wanted)]
     start = time.time()
     seen = set()  # kernel hashes already read (a kernel compiled by two cases is reported once)
+    analysed = {}  # kernel hash -> its Result
     try:
         for done, (dtype_label, name, thunk) in enumerate(todo, 1):
-            dtype = TORCH_DTYPES[dtype_label]
             old_tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = dtype_label == "fp32-tf32"
-            if True:
-                fake.compiled.clear()
-                t0 = time.time()
-                try:
-                    thunk()
-                    error = ""
-                except Exception as exc:  # noqa: BLE001 - the finding
-                    error = describe(exc)
-                kernels = sorted({n for n, _ in fake.compiled})
-                too_big = [(n, md.shared) for n, md in fake.compiled if md.shared > limit]
-                seconds = time.time() - t0
-                serial, serial_allowed, spills, n_wgmma = [], [], [], 0
-                for n, md in fake.compiled:
-                    key = getattr(md, "hash", None) or id(md)
-                    r = result_of(md, fake.asm.get(id(md), {}), want_resources=True)
-                    n_wgmma += r.mma == "wgmma"
-                    if key in seen:
-                        continue
-                    allowed = n in OPT_OUT_KERNELS.get(name, ())
-                    if not allowed:
-                        seen.add(key)
-                    if r.pipe in ("serial", "c7515"):
-                        line = (f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.pipe} "
-                                f"({r.pipe_why})")
-                        (serial_allowed if allowed else serial).append(line)
-                    if r.spill > 0:
-                        spills.append(f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.spill} B "
-                                      f"stack/spill, {r.regs} registers")
-                status = "FAIL" if error else ("SERIAL" if serial else (
-                    "SPILL" if spills else ("opt-out" if serial_allowed else "ok")))
-                smem = max((md.shared for _, md in fake.compiled), default=0) / 1024
-                secs = int(time.time() - start)
-                print(f"{done:>3}/{len(todo):<3} {secs // 60:>2}:{secs % 60:02d} {name:<38} "
-                      f"{dtype_label:<9} {status:<6} {len(fake.compiled):>3} new "
-                      f"({n_wgmma} wgmma, {len(serial) + len(serial_allowed)} serial, "
-                      f"{len(spills)} spill), "
-                      f"max smem {smem:6.1f} KB, {seconds:5.1f} s  "
-                      f"{' '.join(k.lstrip('_') for k in kernels)}", flush=True)
-                for line in serial + spills:
-                    print("    " + line)
-                for line in serial_allowed:
-                    print("    " + line + "  (opt-out: allowed)")
-                if args.gate:
-                    failures += [f"{name} {dtype_label}: {line}" for line in serial + spills]
-                for n, shared in too_big:
-                    print(f"    note: a {n} config needs {shared} B shared > {limit} B "
-                          f"(the autotuner skips it; a lone config would raise OutOfResources)")
-                if error:
-                    failures.append(f"{name} {dtype_label}: {error}")
+            fake.compiled.clear()
+            t0 = time.time()
+            try:
+                thunk()
+                error = ""
+            except Exception as exc:  # noqa: BLE001 - the finding
+                error = describe(exc)
+            kernels = sorted({n for n, _ in fake.compiled})
+            too_big = [(n, md.shared) for n, md in fake.compiled if md.shared > limit]
+            seconds = time.time() - t0
+            serial, serial_allowed, spills, n_wgmma = [], [], [], 0
+            for n, md in fake.compiled:
+                key = getattr(md, "hash", None) or id(md)
+                if key not in analysed:  # cuobjdump and the ptxas log once per kernel
+                    analysed[key] = result_of(md, fake.asm.get(id(md), {}), want_resources=True)
+                r = analysed[key]
+                n_wgmma += r.mma == "wgmma"
+                if key in seen:
+                    continue
+                allowed = n in OPT_OUT_KERNELS.get(name, ())
+                if not allowed:
+                    seen.add(key)
+                if r.pipe in ("serial", "c7515"):
+                    line = (f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.pipe} "
+                            f"({r.pipe_why})")
+                    (serial_allowed if allowed else serial).append(line)
+                if r.spill > 0:
+                    spills.append(f"{n.lstrip('_')} {fake.labels.get(id(md), '')}: {r.spill} B "
+                                  f"stack/spill, {r.regs} registers")
+            status = "FAIL" if error else ("SERIAL" if serial else (
+                "SPILL" if spills else ("opt-out" if serial_allowed else "ok")))
+            smem = max((md.shared for _, md in fake.compiled), default=0) / 1024
+            secs = int(time.time() - start)
+            print(f"{done:>3}/{len(todo):<3} {secs // 60:>2}:{secs % 60:02d} {name:<38} "
+                  f"{dtype_label:<9} {status:<6} {len(fake.compiled):>3} new "
+                  f"({n_wgmma} wgmma, {len(serial) + len(serial_allowed)} serial, "
+                  f"{len(spills)} spill), "
+                  f"max smem {smem:6.1f} KB, {seconds:5.1f} s  "
+                  f"{' '.join(k.lstrip('_') for k in kernels)}", flush=True)
+            for line in serial + spills:
+                print("    " + line)
+            for line in serial_allowed:
+                print("    " + line + "  (opt-out: allowed)")
+            if args.gate:
+                failures += [f"{name} {dtype_label}: {line}" for line in serial + spills]
+            for n, shared in too_big:
+                print(f"    note: a {n} config needs {shared} B shared > {limit} B "
+                      f"(the autotuner skips it; a lone config would raise OutOfResources)")
+            if error:
+                failures.append(f"{name} {dtype_label}: {error}")
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
     finally:
         driver.set_active(previous)

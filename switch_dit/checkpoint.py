@@ -188,6 +188,11 @@ def write_training_checkpoint(state: Dict[str, Any], directory: str, step: int,
     return step_path
 
 
+def checkpoint_file(path: str) -> str:
+    """A checkpoint file, or a results folder (-> its latest.pt)."""
+    return os.path.join(path, LATEST) if os.path.isdir(path) else path
+
+
 def resolve_resume_path(resume: Optional[str], results_dir: str) -> Optional[str]:
     """--resume: None/"" -> None; "auto" -> results_dir/latest.pt if present; else the path given."""
     if not resume:
@@ -195,9 +200,7 @@ def resolve_resume_path(resume: Optional[str], results_dir: str) -> Optional[str
     if resume == "auto":
         p = os.path.join(results_dir, LATEST)
         return p if os.path.exists(p) else None
-    if os.path.isdir(resume):
-        return os.path.join(resume, LATEST)
-    return resume
+    return checkpoint_file(resume)
 
 
 # ----- RNG state -----------------------------------------------------------------------------

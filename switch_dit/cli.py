@@ -167,13 +167,6 @@ def check_backend(parser: argparse.ArgumentParser, backend: Optional[str], devic
         parser.error(f"--backend {backend}: {e}")
 
 
-def checkpoint_path(path: str) -> str:
-    """A checkpoint file, or a results folder (-> its latest.pt), as `sample` and `evaluate` take."""
-    from .checkpoint import LATEST
-
-    return os.path.join(path, LATEST) if os.path.isdir(path) else path
-
-
 def show_progress(quiet: bool = False) -> bool:
     """Progress bars go to stderr, only when it is a terminal and --quiet was not given."""
     return not quiet and sys.stderr.isatty()

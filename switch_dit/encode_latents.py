@@ -91,9 +91,11 @@ def encode_folder(encode: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Ten
             for v in views:
                 mean, std = encode(v.to(device))
                 means.append(mean.float() * scale_factor)
-                stds.append(std.float() * scale_factor)
+                if store == "posterior":  # --store mean keeps no stds: no device -> host copy
+                    stds.append(std.float() * scale_factor)
             buf_mean.append(torch.stack(means, dim=1).cpu().numpy())         # [B, V, C, h, w]
-            buf_std.append(torch.stack(stds, dim=1).cpu().numpy())
+            if stds:
+                buf_std.append(torch.stack(stds, dim=1).cpu().numpy())
             buf_y.append(y.numpy())
             n += len(y)
             bar.update(len(y))

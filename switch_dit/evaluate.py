@@ -174,9 +174,10 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int = 500, num_sampling_st
                         progress: bool = False) -> Dict[str, float]:
     """Sample `num_samples` class-balanced digits from a checkpoint (a file or a results folder)
     and score them; progress: a tqdm bar on stderr over the sampling steps."""
+    from .checkpoint import checkpoint_file
     from .sample import generate, load_for_sampling
 
-    checkpoint = cli.checkpoint_path(checkpoint)
+    checkpoint = checkpoint_file(checkpoint)
     ld = load_for_sampling(checkpoint, use_ema=use_ema, device=device, backend=backend)
     cfg = ld.config
     if cfg.data != "digits":
@@ -224,7 +225,7 @@ def _check_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace)
     peek: the full load and digest check happen in evaluate_checkpoint)."""
     from . import checkpoint as ckpt
 
-    path = cli.checkpoint_path(args.checkpoint)
+    path = ckpt.checkpoint_file(args.checkpoint)
     try:
         config = ckpt.load_checkpoint(path, verify=False, mmap=True)["config"]
     except ckpt.CheckpointError as e:
@@ -255,13 +256,13 @@ def main(argv=None) -> int:
                                   args.device, args.backend, progress=cli.show_progress(args.quiet))
     else:
         if not os.path.isfile(args.npz):
-            build_parser().error(f"--npz {args.npz!r} does not exist")
+            parser.error(f"--npz {args.npz!r} does not exist")
         try:
             data = np.load(args.npz)
         except (OSError, ValueError) as e:
             parser.error(f"--npz {args.npz!r} is not a readable .npz file ({e})")
         if "samples" not in data:
-            build_parser().error(f"{args.npz!r} has no 'samples' array (write it with sample.py --npz)")
+            parser.error(f"{args.npz!r} has no 'samples' array (write it with sample.py --npz)")
         samples = data["samples"]
         labels = data["labels"] if "labels" in data else None
         if args.real_dir:
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
                                       args.inception_weights, cuda=args.device == "cuda",
                                       progress=progress)
                 except (RuntimeError, FileNotFoundError, ValueError) as e:
-                    build_parser().error(str(e))
+                    parser.error(str(e))
         else:
             x = uint8_to_unit(samples)
             res = digits_evaluator(x.shape[-1]).evaluate(x, labels)

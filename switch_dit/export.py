@@ -23,7 +23,7 @@ def export_checkpoint(checkpoint: str, out: str, use_ema: bool = True) -> Dict[s
 
     from . import checkpoint as ckpt
 
-    path = os.path.join(checkpoint, ckpt.LATEST) if os.path.isdir(checkpoint) else checkpoint
+    path = ckpt.checkpoint_file(checkpoint)
     st = ckpt.load_checkpoint(path)
     which = "ema" if use_ema else "model"
     # safetensors refuses shared or non-contiguous storage: give each tensor its own copy

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         cli.check_output_file(parser, "--npz", args.npz)
     cli.check_device(parser, args.device)
     cli.check_backend(parser, args.backend, args.device)
-    path = cli.checkpoint_path(args.checkpoint)
+    path = ckpt.checkpoint_file(args.checkpoint)
     try:
         ld = load_for_sampling(path, use_ema=not args.no_ema, device=args.device, backend=args.backend)
     except ckpt.CheckpointError as e:

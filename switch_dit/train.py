@@ -37,7 +37,10 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import cli
 from . import distributed as dist_util
-from .config import (PRESETS, RESUMABLE_OVERRIDES, TrainConfig, default_results_dir, get_preset)
+from .config import (DATA_KINDS, LATENT_SAMPLING, PRECISIONS, PRESETS, RESUMABLE_OVERRIDES,
+                     TrainConfig, default_results_dir, get_preset)
+from .diffusion.gaussian_diffusion import LOSS_WEIGHTINGS
+from .diffusion.schedules import SCHEDULES
 
 # ----- model / diffusion construction (shared with sample.py) -----------------------------------
 
@@ -253,8 +256,9 @@ def save_training_state(tr: Trainer) -> Optional[str]:
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_util.DistInfo] = None,
-          progress: bool = True) -> Dict[str, Any]:
-    """Train until cfg.max_steps; returns {"trainer", "results_dir", "step", "last_log", "checkpoint"}."""
+          progress: bool = True, dataset=None) -> Dict[str, Any]:
+    """Train until cfg.max_steps; returns {"trainer", "results_dir", "step", "last_log", "checkpoint"}.
+    dataset: `build_dataset(cfg)` when the caller already built it (the CLI's checks do)."""
     from .data import ResumableDistributedSampler, build_dataset, infinite_batches
 
     info = info or dist_util.DistInfo()
@@ -264,14 +268,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
         torch.set_num_threads(cfg.num_threads)
     if is_switch_model(cfg.model):
         check_backend(cfg.backend, info.device)
-    if cfg.global_batch_size % info.world_size:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by the "
-                         f"{info.world_size} processes")
-    local_batch = cfg.global_batch_size // info.world_size
-    dataset = build_dataset(cfg)
+    dataset = dataset if dataset is not None else build_dataset(cfg)
     too_small = batch_size_problem(len(dataset), cfg.global_batch_size, info.world_size)
-    if too_small:  # checked before the results folder is made
+    if too_small:  # checked before the results folder is made (also: not divisible)
         raise ValueError(too_small)
+    local_batch = cfg.global_batch_size // info.world_size
     for name in ("in_channels", "num_classes"):
         have, want = getattr(dataset, name), getattr(cfg, name)
         if have != want:
@@ -379,40 +380,33 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, info: Optional[dist_ut
 
 # ----- command line ----------------------------------------------------------------------------
 
-# flag -> (config field, type); every default is None so only what the user typed overrides.
+# flag -> (config field, parser type); every default is None so only what the user typed
+# overrides. Numeric types carry their range (a bad value is a usage error naming the flag).
 _FLAGS = {
-    "--model": ("model", str), "--max-steps": ("max_steps", int), "--results-dir": ("results_dir", str),
-    "--backend": ("backend", str), "--seed": ("seed", int), "--data": ("data", str),
-    "--data-path": ("data_path", str), "--image-size": ("image_size", int),
-    "--global-batch-size": ("global_batch_size", int), "--lr": ("lr", float),
-    "--weight-decay": ("weight_decay", float), "--warmup-steps": ("warmup_steps", int),
-    "--grad-clip": ("grad_clip", float), "--ema-decay": ("ema_decay", float),
-    "--precision": ("precision", str), "--log-every": ("log_every", int),
-    "--ckpt-every": ("ckpt_every", int), "--keep-checkpoints": ("keep_checkpoints", int),
-    "--num-workers": ("num_workers", int), "--threads": ("num_threads", int),
-    "--depth": ("depth", int),
-    "--hidden-size": ("hidden_size", int), "--num-heads": ("num_heads", int),
-    "--num-experts": ("num_experts", int), "--k": ("k", int),
+    "--model": ("model", str), "--max-steps": ("max_steps", cli.positive_int),
+    "--results-dir": ("results_dir", str), "--backend": ("backend", str),
+    "--seed": ("seed", cli.seed_int), "--data": ("data", str), "--data-path": ("data_path", str),
+    "--image-size": ("image_size", cli.positive_int),
+    "--global-batch-size": ("global_batch_size", cli.positive_int),
+    "--lr": ("lr", cli.positive_float), "--weight-decay": ("weight_decay", cli.non_negative_float),
+    "--warmup-steps": ("warmup_steps", cli.non_negative_int),
+    "--grad-clip": ("grad_clip", cli.non_negative_float),
+    "--ema-decay": ("ema_decay", cli.float_in_range(0.0, 1.0, high_inclusive=False)),
+    "--precision": ("precision", str), "--log-every": ("log_every", cli.positive_int),
+    "--ckpt-every": ("ckpt_every", cli.positive_int),
+    "--keep-checkpoints": ("keep_checkpoints", cli.non_negative_int),
+    "--num-workers": ("num_workers", cli.non_negative_int),
+    "--threads": ("num_threads", cli.non_negative_int), "--depth": ("depth", cli.positive_int),
+    "--hidden-size": ("hidden_size", cli.positive_int),
+    "--num-heads": ("num_heads", cli.positive_int),
+    "--num-experts": ("num_experts", cli.positive_int), "--k": ("k", cli.positive_int),
     "--loss-weighting": ("loss_weighting", str), "--noise-schedule": ("noise_schedule", str),
-    "--diffusion-steps": ("diffusion_steps", int), "--vae": ("vae_path", str),
+    "--diffusion-steps": ("diffusion_steps", cli.positive_int), "--vae": ("vae_path", str),
     "--init-from": ("init_from", str), "--latent-sampling": ("latent_sampling", str),
 }
-_CHOICES = {"--backend": ("auto", "triton", "torch"), "--data": ("digits", "folder", "latents"),
-            "--precision": ("auto", "fp32", "bf16", "fp16"),
-            "--loss-weighting": ("constant", "min_snr", "uw"), "--noise-schedule": ("linear", "cosine"),
-            "--latent-sampling": ("sample", "mean")}
-# Parser types with a range (flags not listed: a finite float for float fields, else the plain type).
-_TYPES = {"--lr": cli.positive_float, "--weight-decay": cli.non_negative_float,
-          "--grad-clip": cli.non_negative_float,
-          "--ema-decay": cli.float_in_range(0.0, 1.0, high_inclusive=False),
-          "--seed": cli.seed_int, "--max-steps": cli.positive_int,
-          "--global-batch-size": cli.positive_int, "--image-size": cli.positive_int,
-          "--log-every": cli.positive_int, "--ckpt-every": cli.positive_int,
-          "--diffusion-steps": cli.positive_int, "--depth": cli.positive_int,
-          "--hidden-size": cli.positive_int, "--num-heads": cli.positive_int,
-          "--num-experts": cli.positive_int, "--k": cli.positive_int,
-          "--warmup-steps": cli.non_negative_int, "--keep-checkpoints": cli.non_negative_int,
-          "--num-workers": cli.non_negative_int, "--threads": cli.non_negative_int}
+_CHOICES = {"--backend": ("auto", "triton", "torch"), "--data": DATA_KINDS,
+            "--precision": PRECISIONS, "--loss-weighting": LOSS_WEIGHTINGS,
+            "--noise-schedule": SCHEDULES, "--latent-sampling": LATENT_SAMPLING}
 _HELP = {
     "--model": "{DiT,SwitchDiT,DTR}-{S,B,L,XL}/{2,4,8}, e.g. SwitchDiT-S/2, DiT-S/2 (the preset's "
                "size overrides still apply)",
@@ -468,7 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None,
                    help="checkpoint file, results folder, or 'auto' (= RESULTS_DIR/latest.pt if any)")
     for flag, (field_name, typ) in _FLAGS.items():
-        typ = _TYPES.get(flag, cli.float_in_range() if typ is float else typ)
         help_text = _HELP.get(flag, f"overrides the preset's {field_name}")
         if field_name != "results_dir":
             help_text += " " + _preset_values(field_name)
@@ -544,16 +537,17 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     cli.check_device(parser, args.device)
 
 
-def check_data(cfg: TrainConfig, world_size: int) -> Optional[str]:
-    """Why the run's data cannot feed it (missing folder, fewer items than a batch), or None."""
+def check_data(cfg: TrainConfig, world_size: int):
+    """(why the run's data cannot feed it (missing folder, fewer items than a batch) or None,
+    the dataset or None): `train` reuses the dataset instead of scanning the data again."""
     from .data import build_dataset
 
     try:
         dataset = build_dataset(cfg)
     except (OSError, ValueError) as e:
         flag = f"--data-path {cfg.data_path}" if cfg.data_path else f"--data {cfg.data}"
-        return f"{flag}: {e}"
-    return batch_size_problem(len(dataset), cfg.global_batch_size, world_size)
+        return f"{flag}: {e}", None
+    return batch_size_problem(len(dataset), cfg.global_batch_size, world_size), dataset
 
 
 def batch_size_problem(num_items: int, global_batch_size: int, world_size: int) -> Optional[str]:
@@ -584,16 +578,19 @@ def model_problem(cfg: TrainConfig) -> Optional[str]:
     return None
 
 
-def check_run(cfg: TrainConfig, resume: Optional[str], args: argparse.Namespace,
-              parser: argparse.ArgumentParser) -> None:
+def check_run(cfg: TrainConfig, args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Usage errors of the resolved run (results folder, kernel backend, data), before anything is
-    built or written, so a mistake leaves no half-made results folder."""
+    built or written, so a mistake leaves no half-made results folder. Returns the dataset."""
     cli.check_output_dir(parser, "--results-dir", cfg.results_dir)
     if args.backend is not None and is_switch_model(cfg.model):
         cli.check_backend(parser, cfg.backend, args.device)
-    why = model_problem(cfg) or check_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    why = model_problem(cfg)
     if why:
         parser.error(why)
+    why, dataset = check_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if why:
+        parser.error(why)
+    return dataset
 
 
 def main(argv=None) -> int:
@@ -601,14 +598,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_arguments(args, parser)
     cfg, resume = resolve_config(args, parser)
-    check_run(cfg, resume, args, parser)
+    dataset = check_run(cfg, args, parser)
     info = dist_util.init_distributed(args.device)
     from .models import PretrainedMismatch
 
     finished = False
     try:
         try:
-            out = train(cfg, resume=resume, info=info, progress=cli.show_progress(args.no_progress))
+            out = train(cfg, resume=resume, info=info, progress=cli.show_progress(args.no_progress),
+                        dataset=dataset)
         except PretrainedMismatch as e:  # raised before anything is written
             parser.error(f"--init-from {cfg.init_from!r}: {e}")
         if info.is_main:

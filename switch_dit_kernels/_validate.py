@@ -45,8 +45,7 @@ def check_routing(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_expert
 
 def check_tokens_per_route(tokens_per_route, num_rows: int, num_routes: int) -> None:
     """T == R * tokens_per_route with tokens_per_route a positive int."""
-    if not isinstance(tokens_per_route, int) or isinstance(tokens_per_route, bool) or tokens_per_route < 1:
-        raise ValueError(f"tokens_per_route must be a positive int, got {tokens_per_route!r}")
+    check_positive_int("tokens_per_route", tokens_per_route)
     if num_rows != num_routes * tokens_per_route:
         raise ValueError(f"x has {num_rows} rows but topk_ids has {num_routes} route units x "
                          f"tokens_per_route={tokens_per_route} = {num_routes * tokens_per_route}")

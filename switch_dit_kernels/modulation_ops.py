@@ -35,12 +35,15 @@ def modulation_backward(grad_r: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     from .kernels.switch_modulation_bwd import switch_modulation_bwd
     need_x, need_w, need_b, need_g = needs
     need_params = need_w or need_b or need_g
+    merged = None  # the recompute's (W~, b~) of a shared routing row: the backward reuses it
     if y is None and need_x:
-        y = switch_modulation_fwd(x, weight, bias, topk_weights, topk_ids, store_y=True)[1]
+        _, y, merged = switch_modulation_fwd(x, weight, bias, topk_weights, topk_ids,
+                                             store_y=True)
     elif y is None:  # parameters only: a buffer for u = dR * x
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
     dx, dw, db, dg = switch_modulation_bwd(grad_r, x, weight, bias, topk_weights, topk_ids, y,
-                                           need_dx=need_x, need_params=need_params)
+                                           merged=merged, need_dx=need_x,
+                                           need_params=need_params)
     return (dx if need_x else None,
             dw if need_w else None,
             db if need_b and bias is not None else None,

@@ -63,16 +63,16 @@ def _kept(t: Tensor) -> Optional[Tensor]:
 
 def _grads_or_empty(grads: Sequence[Optional[Tensor]], likes: Sequence[Optional[Tensor]]
                     ) -> List[Tensor]:
-    """Backward ops return one tensor per differentiable input: [0] stand-ins for None."""
-    return [g if g is not None else (like if like is not None else torch.empty(0)).new_empty(0)
+    """Backward ops return one tensor per differentiable input: [0] stand-ins for None (shaped
+    like the input, or like the first one for an absent input such as a None bias)."""
+    return [g if g is not None else (like if like is not None else likes[0]).new_empty(0)
             for g, like in zip(grads, likes)]
 
 
 def _fake_grads(needs: Sequence[bool], likes: Sequence[Optional[Tensor]]) -> List[Tensor]:
-    return [torch.empty_like(like, memory_format=torch.contiguous_format)
-            if need and like is not None else
-            (like if like is not None else likes[0]).new_empty(0)
-            for need, like in zip(needs, likes)]
+    return _grads_or_empty([torch.empty_like(like, memory_format=torch.contiguous_format)
+                            if need and like is not None else None
+                            for need, like in zip(needs, likes)], likes)
 
 
 def _autograd_keys_on():
@@ -257,8 +257,9 @@ def expert_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], topk_wei
     """expert_linear through ``switch_dit::expert_linear`` (arguments already checked): keeps h
     only when the gates will need a gradient."""
     keep_h = torch.is_grad_enabled() and topk_weights.requires_grad
-    return expert_linear_fwd_op(x, weight, bias, topk_weights, topk_ids, tokens_per_route,
-                                backend, keep_h)[0]
+    # copied here, not inside the op: the op saves its input x, so the backward op reuses the copy
+    return expert_linear_fwd_op(_contig(x), weight, bias, topk_weights, topk_ids,
+                                tokens_per_route, backend, keep_h)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +355,8 @@ def expert_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: O
     train = grad_on and any(t is not None and t.requires_grad
                             for t in (x, w1, b1, w2, b2, topk_weights))
     keep_out = grad_on and topk_weights.requires_grad
-    return expert_mlp_fwd_op(x, w1, b1, w2, b2, topk_weights, topk_ids, activation,
+    # copied here, not inside the op: the op saves its input x, so the backward op reuses the copy
+    return expert_mlp_fwd_op(_contig(x), w1, b1, w2, b2, topk_weights, topk_ids, activation,
                              tokens_per_route, backend, train, keep_out)[0]
 
 

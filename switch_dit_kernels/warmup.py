@@ -81,9 +81,10 @@ def warm_expert_mlp(tokens: int, dim: int, hidden: int, experts: int, k: int, *,
                     activation: str = "gelu_tanh", tokens_per_route: int = 1,
                     dtype=torch.bfloat16, device="cuda") -> float:
     """One forward + backward of `expert_mlp` (Triton): D -> hidden -> D per expert."""
+    from ._validate import GATED_ACTIVATIONS
     from .functional import expert_mlp
     t0 = time.perf_counter()
-    width = 2 * hidden if activation in ("swiglu", "geglu") else hidden
+    width = 2 * hidden if activation in GATED_ACTIVATIONS else hidden
     g, ids = _routing(tokens // tokens_per_route, k, experts, device)
     y = expert_mlp(_leaf(tokens, dim, dtype=dtype, device=device),
                    _leaf(experts, dim, width, dtype=dtype, device=device),

@@ -94,10 +94,9 @@ def _strip_prefixes(sd: StateDict) -> StateDict:
 
 def read_state_dict(path: str, use_ema: bool = True) -> Tuple[StateDict, str]:
     """(flat state dict on the CPU, source description) from any supported file or results folder."""
-    if os.path.isdir(path):
-        from ..checkpoint import LATEST
+    from ..checkpoint import checkpoint_file
 
-        path = os.path.join(path, LATEST)
+    path = checkpoint_file(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights {path!r}: no such file")
     which = "ema" if use_ema else "model"

@@ -52,7 +52,6 @@ from .tuning import autotune_cache_enabled, autotuning_enabled
 # bits in every process). Under the interpreter a single small config: no benchmarking, and tiles
 # small enough that odd test sizes (24, 37, 40) span several tiles.
 # ----------------------------------------------------------------------------------------------
-_SMEM_BYTES = 200 * 1024  # H100/H200 allow 227 KB per block; keep headroom for the epilogue
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 SMOD_SPACE = [
@@ -110,7 +109,7 @@ def prune_fwd_configs(configs, named_args, **kwargs):
     if len(configs) <= 1:
         return configs
     capability = tuning.target_capability()  # at launch: the GPU being compiled for
-    smem_limit = tuning.smem_budget(capability, _SMEM_BYTES)
+    smem_limit = tuning.smem_budget(capability, tuning.SMOD_SMEM_BUDGET)
     dim = named_args["D"]
     rows = named_args["N_u"]
     loads = 1 if (kwargs.get("PREMERGED") or kwargs.get("K_EXP", 1) == 1) else kwargs["K_EXP"]

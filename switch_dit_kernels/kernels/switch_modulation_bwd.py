@@ -185,9 +185,9 @@ def u_prepass_enabled(k_merged: int, dtype: torch.dtype, gluon_dx: bool = False)
 
     SWITCH_DIT_SMOD_DX_PREPASS=1 always, =0 never, unset ("auto"): where the dx kernel would
     otherwise wait for every wgmma, i.e. on sm_90 with wgmma dots (16-bit or TF32 `dtype`,
-    `issues_wgmma`) and k_merged >= 2 experts merged on chip (the
-    merged W~ chunk and u would both be computed operands, and one of them sits in the single
-    shared buffer the pending wgmma reads: Triton 3.6 emits wait_group 0). With one expert chunk
+    `issues_wgmma`) and k_merged >= 2 experts merged on chip (the merged W~ chunk and u would
+    both be computed operands, and one of them sits in the single shared buffer the pending
+    wgmma reads: Triton 3.6 emits wait_group 0). With one expert chunk
     (k = 1, shared routing's premerged W~) the fused u keeps an MMA in flight and costs no extra
     pass. gluon_dx: the opt-in Gluon dx runs, whose own ring keeps the MMA in flight with the
     fused u. The pass reads dR, x, y and writes u and dR * (1 + y): about two x-sized round trips

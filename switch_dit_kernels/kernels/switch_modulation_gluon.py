@@ -46,6 +46,8 @@ import os
 import torch
 import triton
 
+from .tuning import SMOD_SMEM_BUDGET
+
 try:  # Gluon ships with Triton >= 3.5; the package must import without it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -56,9 +58,6 @@ try:  # Gluon ships with Triton >= 3.5; the package must import without it
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
-
-
-_SMEM_BUDGET = 200 * 1024  # of the 227 KB an sm_90 block may use; headroom for the epilogue
 
 
 def gluon_smem_bytes(block_m: int, block_n: int, block_k: int, stages: int, k_loads: int,
@@ -116,7 +115,7 @@ def gluon_tile(k_loads: int, forms_u: bool):
         bm, bn = override[0] or bm, override[1] or bn
         warps = 4 if bm == 64 else 8
     for bk, stages in ((override[2:],) if override else _TILE_PREFERENCE):
-        if gluon_smem_bytes(bm, bn, bk, stages, k_loads, forms_u) <= _SMEM_BUDGET:
+        if gluon_smem_bytes(bm, bn, bk, stages, k_loads, forms_u) <= SMOD_SMEM_BUDGET:
             return bm, bn, bk, warps, stages
     raise ValueError(f"no Gluon tile fits {k_loads} expert chunks per step"
                      f"{' at SWITCH_DIT_SMOD_GLUON_TILE' if override else ''}; "

@@ -27,6 +27,8 @@ from ..backend import triton_interpreting
 
 # Hopper has 227 KiB of shared memory per block; leave room for the epilogue's scratch.
 _SMEM_LIMIT = 220 * 1024
+# The same for Switch-DiT's fused forward / dx (Triton and Gluon): their epilogues hold more.
+SMOD_SMEM_BUDGET = 200 * 1024
 # Above this many fp32 accumulator values per thread the registers spill (255 registers a thread).
 _ACC_PER_THREAD = 128
 
@@ -224,13 +226,18 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     sorted_in_out = not (kwargs.get("GATHER_A", True) or kwargs.get("SCATTER_OUT", False) or gated)
     elem = named_args["a_ptr"].element_size()
     n_out, k_dim = named_args["N_OUT"], named_args["K"]
+    n_b = 2 if gated else 1  # B tiles a stage (gate and up halves)
+
+    def smem(c, stages):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (bm * bk + n_b * bk * bn) * elem * stages
+
     candidates = for_generation(configs, GEMM_CURATED, capability)
     kept = []
     for c in candidates:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        n_b = 2 if gated else 1
-        smem = (bm * bk + n_b * bk * bn) * elem * c.num_stages
-        if smem > smem_limit or bm * bn * n_b > acc_per_thread * 32 * c.num_warps:
+        if (smem(c, c.num_stages) > smem_limit
+                or bm * bn * n_b > acc_per_thread * 32 * c.num_warps):
             continue
         if bn > 64 and bn >= 2 * triton.next_power_of_2(n_out):
             continue
@@ -240,9 +247,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     return _untuned(kept) or _fallback(
-        candidates or configs, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
-        lambda c, stages: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] + (2 if gated else 1)
-                           * c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]) * elem * stages,
+        candidates or configs, lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], smem,
         smem_limit)
 
 
@@ -252,11 +257,16 @@ def prune_weight_grad_configs(configs, named_args, **kwargs):
     smem_limit = smem_budget(capability, _SMEM_LIMIT)
     elem = named_args["a_ptr"].element_size()
     n_out, k_dim = named_args["N_OUT"], named_args["K"]
+
+    def smem(c, stages):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (bk * bm + bm * bn) * elem * stages
+
     candidates = for_generation(configs, WEIGHT_GRAD_CURATED, capability)
     kept = []
     for c in candidates:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if ((bk * bm + bm * bn) * elem * c.num_stages > smem_limit
+        if (smem(c, c.num_stages) > smem_limit
                 or bk * bn > _ACC_PER_THREAD * 32 * c.num_warps):
             continue
         if (bn > 64 and bn >= 2 * triton.next_power_of_2(n_out)) or \
@@ -264,9 +274,7 @@ def prune_weight_grad_configs(configs, named_args, **kwargs):
             continue
         kept.append(c)
     return _untuned(kept) or _fallback(
-        candidates or configs, lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"],
-        lambda c, stages: (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_M"]
-                           * c.kwargs["BLOCK_N"]) * elem * stages,
+        candidates or configs, lambda c: c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"], smem,
         smem_limit)
 
 
